@@ -1,0 +1,244 @@
+"""The job contract shared by the operator and the worker: job names, their argument models.
+
+The operator imports only this module from the worker. The scrape settings below are also the
+`ScrapeRequest` spec's sub-objects, so one model describes the resource field and the job argument.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Self
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+DEFAULT_QUEUE = "arq:queue"
+
+# Bounds that keep every object far below etcd's ~1.5 MB limit and every CEL rule inside the
+# API server's cost budget (the server prices an unbounded string or list at its worst).
+MAX_NAME_LENGTH = 253
+MAX_URL_LENGTH = 2048
+MAX_SELECTOR_LENGTH = 1024
+MAX_FIELDS = 64
+
+SCRAPE_LISTING = "scrape_listing"
+SCRAPE_DETAIL = "scrape_detail"
+SYNC_CONNECTIONS = "sync_connections"
+COMPACT_SNAPSHOTS = "compact_snapshots"
+BUILTIN_FUNCTIONS = (SCRAPE_LISTING, SCRAPE_DETAIL, SYNC_CONNECTIONS, COMPACT_SNAPSHOTS)
+
+
+class ApiModel(BaseModel):
+    """Base of every resource and job model: camelCase on the wire, snake_case in Python.
+
+    Unknown fields are ignored, as the API server prunes them; a docstring becomes the schema's
+    description.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        use_attribute_docstrings=True,
+        frozen=True,
+    )
+
+
+def check_http_url(url: str) -> str:
+    """Accept only absolute http(s) URLs with a host: what a fetcher can and may fetch."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r} is not an http(s) URL; use a URL like 'https://example.com/events'")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} has no host; use a URL like 'https://example.com/events'")
+    return url
+
+
+HttpUrl = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_URL_LENGTH, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://"),
+    AfterValidator(check_http_url),
+]
+
+
+def check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{pattern!r} is not a valid regular expression: {error}") from None
+    return pattern
+
+
+def check_css_selector(selector: str) -> str:
+    """Refuse selectors the HTML parser cannot parse, so a typo fails at apply time, not per page."""
+    from selectolax.lexbor import LexborHTMLParser, SelectolaxError
+
+    try:
+        LexborHTMLParser("<html></html>").css(selector)
+    except SelectolaxError:
+        raise ValueError(f"{selector!r} is not a valid CSS selector; e.g. 'a.event-link' or 'h1'") from None
+    return selector
+
+
+_ATTRIBUTE = re.compile(r"^(?P<selector>.+?)\s*@(?P<attribute>[A-Za-z_:][-A-Za-z0-9_:.]*)$")
+
+
+def split_field_selector(spec: str) -> tuple[str, str | None]:
+    """`'time @datetime'` → (`'time'`, `'datetime'`); a selector alone takes the element's text."""
+    match = _ATTRIBUTE.match(spec)
+    if match:
+        return match["selector"], match["attribute"]
+    return spec, None
+
+
+def check_field_selector(spec: str) -> str:
+    selector, _ = split_field_selector(spec)
+    check_css_selector(selector)
+    return spec
+
+
+class Backend(StrEnum):
+    """Who fetches the pages: the built-in HTTP client or the Firecrawl scrape API."""
+
+    HTTP = "Http"
+    FIRECRAWL = "Firecrawl"
+
+
+class LinkDiscovery(ApiModel):
+    """How detail-page links are found on a listing page."""
+
+    selector: Annotated[str, Field(min_length=1, max_length=MAX_SELECTOR_LENGTH), AfterValidator(
+        check_css_selector)] = "a[href]"
+    """CSS selector of the link elements (their `href` is taken)."""
+    pattern: Annotated[str, Field(min_length=1, max_length=MAX_SELECTOR_LENGTH), AfterValidator(
+        check_regex)] | None = None
+    """Regular expression a link's absolute URL must match (searched, not anchored)."""
+    same_site: bool = True
+    """Follow only links on the listing page's own host."""
+    max_detail_pages: Annotated[int, Field(ge=0, le=100_000)] = 1000
+    """At most this many detail pages for the whole request."""
+
+
+class JsonLdExtraction(ApiModel):
+    """Extract schema.org JSON-LD items of these types (subtypes included: MusicEvent is an Event)."""
+
+    types: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z][A-Za-z0-9]*$")]],
+        Field(min_length=1, max_length=16),
+    ] = ["Event"]
+    """schema.org type names, e.g. `Event`, `Product`."""
+
+
+class CssExtraction(ApiModel):
+    """Extract one item per page: each field is a CSS selector, `selector @attr` for an attribute."""
+
+    fields: Annotated[
+        dict[
+            Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")],
+            Annotated[str, Field(min_length=1, max_length=MAX_SELECTOR_LENGTH), AfterValidator(
+                check_field_selector)],
+        ],
+        Field(min_length=1, max_length=MAX_FIELDS),
+    ]
+    """Field name → CSS selector, e.g. `title: h1`, `start: time @datetime`."""
+
+
+class Extraction(ApiModel):
+    """What is extracted from a detail page: JSON-LD (the default) or CSS fields, not both."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "!(has(self.jsonLd) && has(self.css))",
+        "message": "set one of jsonLd and css, not both",
+    }]})
+
+    json_ld: JsonLdExtraction | None = None
+    """schema.org JSON-LD extraction (used when `css` is not set)."""
+    css: CssExtraction | None = None
+    """CSS selector extraction."""
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Self:
+        if self.json_ld is not None and self.css is not None:
+            raise ValueError("set one of jsonLd and css, not both")
+        return self
+
+    @property
+    def effective_json_ld(self) -> JsonLdExtraction | None:
+        """The JSON-LD settings in force: the default `Event` when neither mode is set."""
+        if self.css is not None:
+            return None
+        return self.json_ld or JsonLdExtraction()
+
+
+class RateLimit(ApiModel):
+    """One request budget shared by every worker replica (a token bucket kept in Redis)."""
+
+    requests_per_minute: Annotated[int, Field(ge=1, le=100_000)] = 60
+    """Sustained rate across all workers."""
+    burst: Annotated[int, Field(ge=1, le=10_000)] = 1
+    """Requests that may go at once after a quiet spell (the bucket's size)."""
+    per_host: bool = False
+    """Keep a separate budget per target host instead of one per request."""
+
+
+class RetryPolicy(ApiModel):
+    """Tries per page, exponential backoff between them, and a per-try timeout that grows."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.maxBackoffSeconds >= self.backoffSeconds",
+         "message": "maxBackoffSeconds must be at least backoffSeconds"},
+        {"rule": "self.maxTimeoutSeconds >= self.timeoutSeconds",
+         "message": "maxTimeoutSeconds must be at least timeoutSeconds"},
+    ]})
+
+    max_tries: Annotated[int, Field(ge=1, le=20)] = 3
+    """Tries per page, the first included."""
+    backoff_seconds: Annotated[int, Field(ge=1, le=3600)] = 5
+    """Wait before the second try; doubled on each later one (with jitter)."""
+    max_backoff_seconds: Annotated[int, Field(ge=1, le=86_400)] = 300
+    """Longest wait between two tries."""
+    timeout_seconds: Annotated[int, Field(ge=1, le=600)] = 30
+    """Time allowed to the first try; doubled on each retry."""
+    max_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 120
+    """Longest time allowed to one try."""
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> Self:
+        if self.max_backoff_seconds < self.backoff_seconds:
+            raise ValueError("maxBackoffSeconds must be at least backoffSeconds")
+        if self.max_timeout_seconds < self.timeout_seconds:
+            raise ValueError("maxTimeoutSeconds must be at least timeoutSeconds")
+        return self
+
+
+class FetchPolicy(ApiModel):
+    """How pages are fetched: politeness and the limits that protect the cluster and the worker."""
+
+    obey_robots_txt: bool = True
+    """Skip URLs that the site's robots.txt disallows for our user agent."""
+    allow_private_networks: bool = False
+    """Allow private, loopback, link-local and cloud-metadata addresses (off: refused, on every hop)."""
+    max_response_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 5 * 1024 * 1024
+    """Larger responses are cut off and the page fails."""
+    user_agent: Annotated[str, Field(min_length=1, max_length=256)] = "kubearq (+https://kubearq.dev)"
+    """User-Agent header, also the name robots.txt rules are matched against."""
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the resource's namespace."""
+
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+    """The Secret's name."""
+    key: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)] = "apiKey"
+    """The key inside the Secret."""
+
+
+class FirecrawlBackend(ApiModel):
+    """The Firecrawl scrape API."""
+
+    api_key_secret_ref: SecretKeyRef
+    """Secret key holding the Firecrawl API key."""
+    url: HttpUrl = "https://api.firecrawl.dev"
+    """Base URL of the Firecrawl API (self-hosted instances differ)."""
