@@ -11,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubearq.operator.crds import RESOURCES, write_crds
+from kubearq.operator.reference import update_readme
 from kubearq.operator.resources import API_VERSION, describe_validation_error
 
 NOT_BUILT = {
@@ -29,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help="run an ARQ worker with the built-in and your own jobs")
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the models")
     crds.add_argument("--output", type=Path, default=Path("crds"), help="directory to write into (default: crds)")
+    crds.add_argument("--readme", type=Path, help="also rewrite the resource reference in this README")
     validate = commands.add_parser("validate", help="check SyncSchedule/ScrapeRequest manifests offline")
     validate.add_argument("files", nargs="+", type=Path, help="YAML files, several documents each allowed")
     commands.add_parser("demo", help="run the demo")
@@ -60,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "crds":
         for path in write_crds(args.output):
             print(path)
+        if args.readme:
+            args.readme.write_text(update_readme(args.readme.read_text(encoding="utf-8")), encoding="utf-8")
+            print(args.readme)
         return 0
     if args.command == "validate":
         problems = validate_manifests(args.files)

@@ -6,8 +6,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
-from kubearq.worker.contract import ApiModel
 from pydantic import Field
+
+from kubearq.worker.contract import ApiModel
 
 
 class ConditionStatus(StrEnum):

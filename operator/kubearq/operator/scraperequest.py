@@ -6,6 +6,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Self
 
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from kubearq.operator.conditions import Conditions
+from kubearq.operator.resources import PrinterColumn, ResourceKind
 from kubearq.worker.contract import (
     DEFAULT_QUEUE,
     MAX_NAME_LENGTH,
@@ -21,10 +25,6 @@ from kubearq.worker.contract import (
     RateLimit,
     RetryPolicy,
 )
-from pydantic import ConfigDict, Field, field_validator, model_validator
-
-from kubearq.operator.conditions import Conditions
-from kubearq.operator.resources import PrinterColumn, ResourceKind
 
 # 300 URLs of at most 2 KiB keep the list under 600 KiB, far below etcd's ~1.5 MB object limit;
 # longer lists go in a ConfigMap (`urlsFrom`).

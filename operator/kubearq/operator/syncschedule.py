@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Self
 
-from kubearq.worker.contract import DEFAULT_QUEUE, ApiModel
 from pydantic import AfterValidator, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
 
 from kubearq.operator.conditions import Conditions
 from kubearq.operator.cron import check_schedule, check_time_zone
 from kubearq.operator.resources import PrinterColumn, ResourceKind
+from kubearq.worker.contract import DEFAULT_QUEUE, ApiModel
 
 MAX_JOB_ARGUMENTS = 64
 MAX_JOB_ARGUMENT_BYTES = 64 * 1024
@@ -41,6 +42,17 @@ JobKwargs = Annotated[
 ]
 
 
+FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_function_name(name: str) -> str:
+    if not FUNCTION_NAME.match(name):
+        raise ValueError(
+            f"{name!r} is not a worker function name; use the name the worker registers, e.g. 'sync_connections'"
+        )
+    return name
+
+
 class ConcurrencyPolicy(StrEnum):
     """What to do when a tick comes while the previous run is still queued or running."""
 
@@ -60,11 +72,16 @@ class RunOutcome(StrEnum):
 class JobTemplate(ApiModel):
     """The ARQ job enqueued on every tick."""
 
-    function: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    function: Annotated[
+        str,
+        Field(min_length=1, max_length=128, json_schema_extra={"pattern": FUNCTION_NAME.pattern}),
+        AfterValidator(check_function_name),
+    ]
     """Name of the worker function, as registered in the worker's `functions`."""
     args: JobArgs = []
     """Positional arguments (any JSON values)."""
-    kwargs: JobKwargs = {}
+    # Named apart from its wire name: pydantic's mypy plugin reserves `kwargs` for the generated __init__.
+    keyword_args: Annotated[JobKwargs, Field(alias="kwargs")] = {}
     """Keyword arguments (any JSON values)."""
     queue: Annotated[str, Field(min_length=1, max_length=128)] = DEFAULT_QUEUE
     """ARQ queue name the job is enqueued on."""
@@ -77,7 +94,7 @@ class JobTemplate(ApiModel):
 
     @model_validator(mode="after")
     def _arguments_fit(self) -> Self:
-        size = len(json.dumps([self.args, self.kwargs]))
+        size = len(json.dumps([self.args, self.keyword_args]))
         if size > MAX_JOB_ARGUMENT_BYTES:
             raise ValueError(
                 f"args and kwargs take {size} bytes as JSON, at most {MAX_JOB_ARGUMENT_BYTES} fit; "

@@ -58,7 +58,8 @@ def check_http_url(url: str) -> str:
 
 HttpUrl = Annotated[
     str,
-    Field(min_length=1, max_length=MAX_URL_LENGTH, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://"),
+    # The API server checks the scheme by pattern; Python checks it (and the host) with a clearer message.
+    Field(min_length=1, max_length=MAX_URL_LENGTH, json_schema_extra={"pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://"}),
     AfterValidator(check_http_url),
 ]
 

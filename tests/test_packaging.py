@@ -1,0 +1,48 @@
+"""The distribution's layout: a namespace package that does not shadow the standard library."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubearq.operator.cli import main
+from tests.crd_rules import REPO
+
+
+def run_python(code: str, cwd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_stdlib_operator_still_imports_from_the_repo_root() -> None:
+    result = run_python("import operator; print(operator.add(2, 3))", cwd=str(REPO))
+    assert (result.returncode, result.stdout.strip()) == (0, "5"), result.stderr
+
+
+def test_both_portions_import_from_the_repo_root_and_from_elsewhere() -> None:
+    code = "import kubearq.operator.cli, kubearq.worker.contract, operator; operator.add; print('ok')"
+    for cwd in (str(REPO), "/"):
+        result = run_python(code, cwd=cwd)
+        assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
+
+
+def test_kubearq_is_a_namespace_package_without_init_files() -> None:
+    assert not (REPO / "operator" / "kubearq" / "__init__.py").exists()
+    assert not (REPO / "worker" / "kubearq" / "__init__.py").exists()
+
+
+def test_help_lists_every_subcommand() -> None:
+    console_script = Path(sys.executable).parent / "kubearq"
+    result = subprocess.run([str(console_script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("operator", "worker", "crds", "validate", "demo"):
+        assert f"    {command} " in result.stdout
+
+
+def test_commands_not_built_yet_say_so_and_fail(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err == (
+        "kubearq demo: not built yet — the demo arrives in the next phase, with the Helm chart\n"
+    )
