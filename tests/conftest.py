@@ -1,22 +1,65 @@
-"""Fixtures for real services (Redis, PostgreSQL) and the Kubernetes API emulator.
-
-The fixtures are defined beside their helpers (tests/services.py, tests/emulator.py) and made visible
-to every test here.
-"""
+"""Fixtures for real services (Redis, PostgreSQL) and the Kubernetes API emulator; helpers beside it."""
 
 import asyncio
+import uuid
+from collections.abc import Iterator
 
 import pytest
+import redis
 
-from tests.emulator import k8s  # noqa: F401
-from tests.services import (  # noqa: F401
-    postgres_dsn,
-    postgres_private,
-    postgres_server,
-    redis_private,
-    redis_server,
-    redis_url,
-)
+from tests.services import PostgresServer, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis server shared by the session."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session Redis, emptied (and restarted without AOF if a test changed it)."""
+    if not redis_server.running or redis_server.aof:
+        redis_server.restart(aof=False)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster shared by the session."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """Dsn of a fresh database on the session cluster, dropped after the test."""
+    postgres_server.start()
+    name = f"test_{uuid.uuid4().hex[:8]}"
+    dsn = postgres_server.create_database(name)
+    yield dsn
+    postgres_server.start()
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def redis_private() -> Iterator[RedisServer]:
+    """A Redis server of the test's own, free to be stopped or killed."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_private() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of the test's own, free to be stopped or killed."""
+    with PostgresServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session", autouse=True)
