@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tests.emulator import k8s  # noqa: F401
 from tests.services import PostgresServer, RedisServer
 
 
