@@ -1,0 +1,661 @@
+"""The page fetcher of the scrape pipeline: safe by default, capped in size and time.
+
+Every hop of a fetch is checked before it is sent (scheme, credentials, internal names, literal
+addresses; see `netsafety`), and every connection goes through `SafeNetworkBackend`, which resolves the
+host once, checks every address and connects to the checked address itself, so DNS rebinding
+cannot slip a private address in between. Redirects are followed here, not by httpx, so each hop's
+URL and robots.txt are checked before its connection is made.
+
+Redirects from https to http are followed, as browsers do: the fetch carries no credentials or cookies,
+a user may list http URLs directly, and every hop is still checked. Proxies from the environment are
+ignored: through a proxy, the address checked would not be the address reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import re
+import socket
+import ssl
+import time
+import zlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from ipaddress import ip_address
+from types import TracebackType
+from typing import Protocol, Self
+
+import httpcore
+import httpx
+
+from kubearq.worker.contract import FetchPolicy
+from kubearq.worker.netsafety import Endpoint, IPAddress, NetworkPolicy, Refusal, parse_host, redact_url
+from kubearq.worker.robots import (
+    ROBOTS_MAX_BYTES,
+    ROBOTS_MAX_REDIRECTS,
+    RobotsCache,
+    RobotsRules,
+    origin_key,
+    robots_url,
+    rules_from_status,
+    rules_unavailable,
+    rules_unreachable,
+)
+
+logger = logging.getLogger(__name__)
+
+PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+MAX_REDIRECTS = 10
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_ACCEPT = "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5"
+
+
+class FetchError(Exception):
+    """A fetch failed; `message` is what the user sees in status and PostgreSQL."""
+
+    def __init__(self, url: str, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.url = url
+        self.message = message
+        self.retryable = retryable
+
+
+class UnsafeUrlError(FetchError):
+    """The URL, a redirect target or a resolved address is not allowed by the network policy."""
+
+    def __init__(self, url: str, refusal: Refusal, refused_url: str, via: str | None = None) -> None:
+        super().__init__(url, refusal.message(refused_url, via=via), retryable=False)
+        self.refusal = refusal
+        self.refused_url = refused_url
+
+
+class RobotsDisallowedError(FetchError):
+    """robots.txt forbids the URL (retryable only when robots.txt itself was unreachable)."""
+
+
+class ResponseTooLargeError(FetchError):
+    """The response exceeds `fetch.maxResponseBytes`."""
+
+
+class FetchTimeoutError(FetchError):
+    """The whole fetch (robots.txt, redirects and body) took longer than the try's timeout."""
+
+
+class TooManyRedirectsError(FetchError):
+    """The redirect chain is too long or loops."""
+
+
+class UnsupportedContentTypeError(FetchError):
+    """The response is not of a content type the caller accepts."""
+
+
+class HttpStatusError(FetchError):
+    """The server answered with an error status; 429, 408 and 5xx are worth retrying."""
+
+    def __init__(self, url: str, message: str, *, status: int, retry_after: float | None) -> None:
+        super().__init__(url, message, retryable=status in (408, 429) or status >= 500)
+        self.status = status
+        self.retry_after = retry_after
+        """Seconds the server asked us to wait (Retry-After), if it said."""
+
+
+@dataclass(frozen=True)
+class Page:
+    """A fetched page, decoded."""
+
+    url: str
+    """The final URL, after redirects."""
+    status: int
+    headers: Mapping[str, str]
+    text: str
+    content_type: str
+    """The media type, lower case, without parameters; empty when the server sent none."""
+    encoding: str
+    """The Python codec the body was decoded with."""
+    elapsed: float
+    """Seconds from the start of the fetch to the end of the body, redirects and robots.txt included."""
+
+
+# --- Connections: resolve once, check every address, connect to the checked one ------------------
+
+
+class Resolver(Protocol):
+    """Resolves a host name to the addresses a connection may go to."""
+
+    async def resolve(self, host: str, port: int) -> Sequence[IPAddress]: ...
+
+
+class SystemResolver:
+    """getaddrinfo, without the DNS search path unless private networks are allowed.
+
+    In a pod, `redis.default` is looked up as `redis.default.<ns>.svc.cluster.local` first (ndots:5);
+    resolving the absolute name (`redis.default.`) keeps user URLs out of the cluster's namespace.
+    """
+
+    def __init__(self, *, use_search_domains: bool = False) -> None:
+        self._use_search_domains = use_search_domains
+
+    async def resolve(self, host: str, port: int) -> Sequence[IPAddress]:
+        name = host if self._use_search_domains else host.rstrip(".") + "."
+        infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(ip_address(info[4][0]) for info in infos))
+
+
+class _AddressRefusedError(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.why)
+        self.refusal = refusal
+
+
+class _NameNotResolvedError(Exception):
+    def __init__(self, host: str, detail: str, *, retryable: bool) -> None:
+        super().__init__(f"{host} does not resolve ({detail})")
+        self.retryable = retryable
+
+
+class SafeNetworkBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, connecting only to addresses the network policy allows.
+
+    httpcore passes the URL's host here and the same host separately as TLS server_hostname,
+    so SNI, certificate checks and the Host header are unaffected by connecting to an address.
+    """
+
+    def __init__(
+        self, network: NetworkPolicy, resolver: Resolver, inner: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._network = network
+        self._resolver = resolver
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await self._addresses(host, port)
+        for address in addresses:
+            refusal = self._network.check_address(host, address, port)
+            if refusal is not None:
+                raise _AddressRefusedError(refusal)
+        error: httpcore.ConnectError | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    str(address), port, timeout=timeout, local_address=local_address, socket_options=socket_options,
+                )
+            except httpcore.ConnectError as failure:
+                error = failure
+        assert error is not None
+        raise error
+
+    async def _addresses(self, host: str, port: int) -> Sequence[IPAddress]:
+        target = parse_host(host)
+        if not isinstance(target, str):
+            return [target]
+        try:
+            addresses = await self._resolver.resolve(target, port)
+        except socket.gaierror as error:
+            permanent = error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+            raise _NameNotResolvedError(target, str(error.strerror or error), retryable=not permanent) from error
+        except OSError as error:
+            raise _NameNotResolvedError(target, str(error), retryable=True) from error
+        if not addresses:
+            raise _NameNotResolvedError(target, "no addresses", retryable=False)
+        return addresses
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError(f"unix sockets are never fetched ({path})")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, stream: Iterable[bytes] | AsyncIterable[bytes]) -> None:
+        assert isinstance(stream, AsyncIterable)
+        self._stream: AsyncIterable[bytes] = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._stream:
+            yield part
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _SafeTransport(httpx.AsyncBaseTransport):
+    """httpx's transport over an httpcore pool with our network backend.
+
+    httpx 0.28's AsyncHTTPTransport takes no `network_backend`, so this is its request/response
+    translation around `httpcore.AsyncConnectionPool(network_backend=...)`. httpcore's own exceptions
+    pass through; the fetcher maps them.
+    """
+
+    def __init__(self, backend: httpcore.AsyncNetworkBackend, ssl_context: ssl.SSLContext | None) -> None:
+        # httpx's default limits; httpcore's own default keeps idle connections forever.
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context, network_backend=backend,
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0,
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._pool.handle_async_request(httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        ))
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseStream(response.stream),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+# --- Bodies: bounded reading, decompression and decoding -------------------------------------------
+
+
+class _Decompressor:
+    """Content-Encoding decoding that never produces more than asked (a gzip bomb stops at the cap)."""
+
+    def __init__(self, content_encoding: str) -> None:
+        self.encoding = content_encoding.strip().lower()
+        self._first = True
+        self._inflater: zlib._Decompress | None
+        if self.encoding in ("", "identity"):
+            self._inflater = None
+        elif self.encoding in ("gzip", "x-gzip"):
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        elif self.encoding == "deflate":
+            self._inflater = zlib.decompressobj()
+        else:
+            raise ValueError(f"the server sent Content-Encoding {self.encoding!r}, which we did not ask for")
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        """At most `max_length` bytes of output (all of the input is consumed unless that is reached)."""
+        if self._inflater is None:
+            return data
+        first, self._first = self._first, False
+        try:
+            return self._inflater.decompress(data, max_length)
+        except zlib.error as error:
+            if not (first and self.encoding == "deflate"):
+                raise ValueError(f"the {self.encoding} body is corrupt ({error})") from error
+        # Some servers send raw deflate without the zlib header that RFC 9110 asks for.
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            return self._inflater.decompress(data, max_length)
+        except zlib.error as error:
+            raise ValueError(f"the deflate body is corrupt ({error})") from error
+
+    def flush(self) -> bytes:
+        """Whatever output the decoder still holds at the end of the body."""
+        return b"" if self._inflater is None else self._inflater.flush()
+
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_CHARSET_PARAMETER = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.IGNORECASE)
+_META_CHARSET = re.compile(rb"""<meta\s[^>]*?charset\s*=\s*["']?\s*([a-zA-Z0-9_.:-]+)""", re.IGNORECASE)
+# WHATWG's Encoding Standard: what browsers decode a label as; Python's codec of the same name differs.
+_WHATWG_CODECS = {
+    **dict.fromkeys(("iso-8859-1", "iso8859-1", "latin1", "latin-1", "l1", "ascii", "us-ascii"), "cp1252"),
+    **dict.fromkeys(("shift_jis", "shift-jis", "sjis", "x-sjis", "ms_kanji", "csshiftjis", "windows-31j"), "cp932"),
+    **dict.fromkeys(("gb2312", "gbk", "x-gbk", "csgb2312"), "gb18030"),
+    **dict.fromkeys(("euc-kr", "ks_c_5601-1987", "windows-949"), "cp949"),
+    **dict.fromkeys(("big5", "big5-hkscs", "x-x-big5"), "big5hkscs"),
+    **dict.fromkeys(("tis-620", "iso-8859-11"), "cp874"),
+    **dict.fromkeys(("iso-8859-9", "latin5"), "cp1254"),
+}
+# The first bytes searched for <meta charset>; WHATWG says 1024, real pages put it later.
+_META_WINDOW = 4096
+
+
+def codec_for(label: str) -> str | None:
+    """The Python codec for a charset label as browsers read it, or None for an unknown label."""
+    label = label.strip().strip("\"'").lower()
+    if label in ("utf-7", "x-user-defined"):
+        return None
+    try:
+        return codecs.lookup(_WHATWG_CODECS.get(label, label)).name
+    except LookupError:
+        return None
+
+
+def decode_text(body: bytes, content_type: str | None) -> tuple[str, str]:
+    """Decode a body as a browser would: BOM, then the Content-Type charset, then <meta>, else UTF-8."""
+    for bom, bom_codec in _BOMS:
+        if body.startswith(bom):
+            return body[len(bom):].decode(bom_codec, errors="replace"), bom_codec
+    codec: str | None = None
+    if content_type and (declared := _CHARSET_PARAMETER.search(content_type)):
+        codec = codec_for(declared.group(1))
+    if codec is None and (meta := _META_CHARSET.search(body[:_META_WINDOW])):
+        codec = codec_for(meta.group(1).decode("ascii"))
+        # A page whose <meta> is readable as ASCII is not UTF-16, whatever it claims (WHATWG).
+        if codec is not None and codec.startswith("utf-16"):
+            codec = "utf-8"
+    chosen = codec or "utf-8"
+    return body.decode(chosen, errors="replace"), chosen
+
+
+def media_type(content_type: str | None) -> str:
+    """`text/html; charset=utf-8` → `text/html`."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def parse_retry_after(value: str, now: datetime) -> float | None:
+    """Retry-After as seconds from `now`: delay-seconds or an HTTP-date; None when unreadable."""
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+# --- The fetcher ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Response:
+    url: str
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Fetcher:
+    """Fetches pages under one `FetchPolicy`; an async context manager owning one HTTP client.
+
+    One fetcher serves one policy because its pooled connections were checked under that policy: a
+    connection opened under `allowPrivateNetworks: true` must never carry a stricter request.
+    `resolver` and `extra_allowed` are the test hooks; `robots_cache` is shared by a worker's fetchers.
+    """
+
+    def __init__(
+        self,
+        policy: FetchPolicy,
+        *,
+        robots_cache: RobotsCache | None = None,
+        resolver: Resolver | None = None,
+        extra_allowed: frozenset[Endpoint] = frozenset(),
+        ssl_context: ssl.SSLContext | None = None,
+        now: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.policy = policy
+        self._network = NetworkPolicy(policy.allow_private_networks, extra_allowed)
+        self._robots = RobotsCache() if robots_cache is None else robots_cache
+        self._now = now
+        resolver = resolver or SystemResolver(use_search_domains=policy.allow_private_networks)
+        self._client = httpx.AsyncClient(
+            transport=_SafeTransport(SafeNetworkBackend(self._network, resolver), ssl_context),
+            follow_redirects=False,
+            # Environment proxies would connect to the proxy, not the checked address.
+            trust_env=False,
+            timeout=None,  # noqa: S113 (the whole fetch runs under one deadline, see `fetch`)
+            # Jobs of many requests share the client: no cookies carried from one fetch to the next.
+            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+            headers={"User-Agent": policy.user_agent, "Accept-Encoding": "gzip, deflate"},
+        )
+
+    async def __aenter__(self) -> Self:
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None,
+    ) -> None:
+        await self._client.__aexit__(exc_type, exc, traceback)
+
+    async def fetch(
+        self,
+        url: str,
+        *,
+        # Not the caller's asyncio.timeout: the fetch turns its own deadline into a FetchTimeoutError
+        # that names the URL, and the deadline covers robots.txt and every redirect.
+        timeout: float,  # noqa: ASYNC109
+        accept: frozenset[str] | None = PAGE_TYPES,
+        max_redirects: int = MAX_REDIRECTS,
+    ) -> Page:
+        """Fetch a page and decode it, within `timeout` seconds for everything.
+
+        `accept` lists the media types taken (None: any); a response without Content-Type is taken too.
+        Raises a `FetchError` subclass whose message names the URL and the reason.
+        """
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._follow(
+                    url, max_redirects=max_redirects, obey_robots=self.policy.obey_robots_txt, accept=accept,
+                    max_bytes=self.policy.max_response_bytes, truncate=False,
+                )
+        except TimeoutError:
+            raise FetchTimeoutError(url, (
+                f"gave up on {redact_url(url)} after {timeout:g} s: the fetch (robots.txt, redirects and body) "
+                "took longer than this try's timeout; the next try gets longer (retry.timeoutSeconds)"
+            ), retryable=True) from None
+        if not 200 <= response.status < 300:
+            raise self._status_error(url, response)
+        content_type = response.headers.get("content-type")
+        text, encoding = decode_text(response.body, content_type)
+        return Page(
+            url=response.url, status=response.status, headers=response.headers, text=text,
+            content_type=media_type(content_type), encoding=encoding, elapsed=time.monotonic() - started,
+        )
+
+    async def robots_rules(self, url: str) -> RobotsRules:
+        """The robots.txt rules governing `url`, from the cache or fetched (no deadline of its own)."""
+        return await self._robots.get(origin_key(url), lambda: self._load_robots(url))
+
+    async def _follow(
+        self, requested: str, *, max_redirects: int, obey_robots: bool, accept: frozenset[str] | None,
+        max_bytes: int, truncate: bool,
+    ) -> _Response:
+        """GET `requested`, following redirects; each hop checked before it is sent. Body read on 2xx only."""
+        current, previous = requested, None
+        seen = [_without_fragment(requested)]
+        for hop in range(max_redirects + 1):
+            refusal = self._network.check_url(current)
+            if refusal is not None:
+                raise UnsafeUrlError(requested, refusal, current, via=previous)
+            if obey_robots:
+                await self._check_robots(requested, current, previous)
+            response = await self._send(requested, current, previous)
+            try:
+                location = response.headers.get("location")
+                if response.status_code in _REDIRECTS and location:
+                    try:
+                        # An absolute Location is kept as sent, so a refusal quotes what the server said.
+                        absolute = bool(httpx.URL(location).scheme)
+                        target = location if absolute else str(response.url.join(location))
+                    except httpx.InvalidURL as error:
+                        raise FetchError(requested, (
+                            f"{redact_url(current)} redirected to an invalid URL {location!r} ({error})"
+                        ), retryable=False) from None
+                    if _without_fragment(target) in seen:
+                        chain = " → ".join(redact_url(u) for u in [*seen, target])
+                        raise TooManyRedirectsError(requested, f"gave up on {redact_url(requested)}: "
+                                                    f"redirect loop ({chain})", retryable=False)
+                    if hop == max_redirects:
+                        raise TooManyRedirectsError(requested, (
+                            f"gave up on {redact_url(requested)} after {max_redirects} redirects "
+                            f"(the last one to {redact_url(target)})"
+                        ), retryable=False)
+                    seen.append(_without_fragment(target))
+                    current, previous = target, current
+                    continue
+                body = b""
+                if 200 <= response.status_code < 300:
+                    self._check_content_type(requested, current, response, accept)
+                    body = await self._read_body(requested, current, response, max_bytes, truncate=truncate)
+                return _Response(current, response.status_code, response.headers, body)
+            finally:
+                await response.aclose()
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    async def _send(self, requested: str, url: str, previous: str | None) -> httpx.Response:
+        """Send one GET, turning connection-level failures into `FetchError`s that name the URL."""
+        request = self._client.build_request("GET", url, headers={"Accept": _ACCEPT})
+        try:
+            return await self._client.send(request, stream=True)
+        except _AddressRefusedError as error:
+            raise UnsafeUrlError(requested, error.refusal, url, via=previous) from None
+        except _NameNotResolvedError as error:
+            raise FetchError(requested, f"could not fetch {redact_url(url)}: {error}",
+                             retryable=error.retryable) from None
+        except (httpcore.TimeoutException, httpx.TimeoutException) as error:
+            raise FetchError(requested, f"could not fetch {redact_url(url)}: timed out ({type(error).__name__})",
+                             retryable=True) from None
+        except (httpcore.NetworkError, httpcore.RemoteProtocolError, httpx.TransportError) as error:
+            # A certificate that does not verify will not verify on the next try either. httpcore's pool
+            # re-raises `from None`, which clears __cause__ but keeps __context__.
+            permanent = isinstance(error.__cause__ or error.__context__, ssl.SSLCertVerificationError)
+            raise FetchError(requested, f"could not fetch {redact_url(url)}: {error or type(error).__name__}",
+                             retryable=not permanent) from None
+
+    def _check_content_type(
+        self, requested: str, url: str, response: httpx.Response, accept: frozenset[str] | None,
+    ) -> None:
+        kind = media_type(response.headers.get("content-type"))
+        if accept is None or not kind or kind in accept:
+            return
+        raise UnsupportedContentTypeError(requested, (
+            f"refused {redact_url(url)}: its content type is {kind}, not one of {', '.join(sorted(accept))}"
+        ), retryable=False)
+
+    async def _read_body(
+        self, requested: str, url: str, response: httpx.Response, max_bytes: int, *, truncate: bool,
+    ) -> bytes:
+        """Read at most `max_bytes` (on the wire and decoded); beyond it fail, or cut off when `truncate`."""
+        declared = response.headers.get("content-length", "")
+        if not truncate and declared.isdigit() and int(declared) > max_bytes:
+            raise self._too_large(requested, url, f"it declares {int(declared)} bytes")
+        try:
+            decompressor = _Decompressor(response.headers.get("content-encoding", ""))
+        except ValueError as error:
+            raise FetchError(requested, f"could not read {redact_url(url)}: {error}", retryable=False) from None
+        parts: list[bytes] = []
+        size = wire = 0
+        try:
+            async for chunk in response.aiter_raw():
+                wire += len(chunk)
+                data = decompressor.decompress(chunk, max_bytes - size + 1)
+                size += len(data)
+                if size <= max_bytes and wire <= max_bytes:
+                    parts.append(data)
+                    continue
+                if not truncate:
+                    raise self._too_large(requested, url, f"more than {max_bytes} bytes arrived")
+                parts.append(data[: max(0, len(data) - (size - max_bytes))])
+                return b"".join(parts)
+            tail = decompressor.flush()
+            if size + len(tail) > max_bytes and not truncate:
+                raise self._too_large(requested, url, f"more than {max_bytes} bytes arrived")
+            parts.append(tail[: max(0, max_bytes - size)])
+        except ValueError as error:
+            raise FetchError(requested, f"could not read {redact_url(url)}: {error}", retryable=False) from None
+        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError) as error:
+            raise FetchError(requested, f"could not read {redact_url(url)}: {error or type(error).__name__}",
+                             retryable=True) from None
+        return b"".join(parts)
+
+    def _too_large(self, requested: str, url: str, detail: str) -> ResponseTooLargeError:
+        limit = self.policy.max_response_bytes
+        return ResponseTooLargeError(requested, (
+            f"stopped reading {redact_url(url)}: {detail}, over fetch.maxResponseBytes ({limit}); "
+            "raise fetch.maxResponseBytes to fetch it"
+        ), retryable=False)
+
+    def _status_error(self, requested: str, response: _Response) -> HttpStatusError:
+        retry_after_header = response.headers.get("retry-after")
+        retry_after = None if retry_after_header is None else parse_retry_after(retry_after_header, self._now())
+        try:
+            phrase = HTTPStatus(response.status).phrase
+        except ValueError:
+            phrase = "(unknown status)"
+        message = f"{redact_url(response.url)} answered HTTP {response.status} {phrase}"
+        if response.status in _REDIRECTS or response.status == 300:
+            message += " without a Location to follow"
+        if retry_after is not None:
+            message += f"; retry after {retry_after:g} s"
+        return HttpStatusError(requested, message, status=response.status, retry_after=retry_after)
+
+    async def _check_robots(self, requested: str, url: str, previous: str | None) -> None:
+        rules = await self._robots.get(origin_key(url), lambda: self._load_robots(url, requested, previous))
+        if rules.allows(url, self.policy.user_agent):
+            return
+        if rules.temporary:
+            raise RobotsDisallowedError(requested, (
+                f"skipped {redact_url(url)}: its robots.txt is unreachable ({rules.source}), which RFC 9309 "
+                "says to treat as disallowing everything; a later try may succeed"
+            ), retryable=True)
+        raise RobotsDisallowedError(requested, (
+            f"skipped {redact_url(url)}: {rules.url} disallows it for user agent "
+            f"{self.policy.user_agent!r}; set fetch.obeyRobotsTxt: false to fetch it anyway"
+        ), retryable=False)
+
+    async def _load_robots(self, url: str, requested: str | None = None, previous: str | None = None) -> RobotsRules:
+        """Fetch robots.txt for `url` through the same checks as pages and decide what it means."""
+        source = robots_url(url)
+        try:
+            response = await self._follow(
+                source, max_redirects=ROBOTS_MAX_REDIRECTS, obey_robots=False, accept=None,
+                max_bytes=ROBOTS_MAX_BYTES, truncate=True,
+            )
+        except UnsafeUrlError as error:
+            if error.refused_url == source:
+                # The site itself is refused: say so about the page, and cache nothing.
+                raise UnsafeUrlError(requested or url, error.refusal, url, via=previous) from None
+            # robots.txt redirects somewhere we may not go: there is no usable file.
+            rules = rules_unavailable(source, error.message)
+        except TooManyRedirectsError as error:
+            rules = rules_unavailable(source, error.message)
+        except FetchError as error:
+            rules = rules_unreachable(source, error.message)
+        else:
+            return rules_from_status(response.url, response.status, response.body)
+        logger.info("robots.txt %s: %s, so %s", source, rules.detail, rules.verdict.value,
+                    extra={"url": source, "robots_verdict": rules.verdict.value})
+        return rules
+
+
+def _without_fragment(url: str) -> str:
+    """The URL as compared when looking for redirect loops."""
+    try:
+        return str(httpx.URL(url).copy_with(fragment=None))
+    except httpx.InvalidURL:
+        return url
