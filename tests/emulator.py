@@ -77,6 +77,9 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
 
     token: str | None = None  # when set, every request needs `Authorization: Bearer <token>`
     history_limit: int = 1000  # changes kept for watches to resume from; older ones answer 410 Gone
+    # KMock matches each request against its reactions by walking the whole request log (O(n) per request),
+    # so long tests (leader elections, soak runs) slow down quadratically; keep only the recent requests.
+    request_log_limit: int = 64
     objects: kmock.ObjectsArray = attrs.field(factory=kmock.ObjectsArray, init=False)
     _revision: int = attrs.field(default=0, init=False)  # one counter for every write, as etcd's
     _history: collections.deque[Change] = attrs.field(factory=collections.deque, init=False)
@@ -135,6 +138,8 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
     # Serving.
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if len(self._requests) > self.request_log_limit:
+            del self._requests[: len(self._requests) - self.request_log_limit // 2]
         route = _NAMESPACE_URL.fullmatch(raw_request.path)
         if route is None:
             return await super().__call__(raw_request)

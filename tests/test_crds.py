@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubearq.operator.cli import main, validate_manifests
+from kubearq.cli import main, validate_manifests
 from kubearq.operator.crds import RESOURCES, custom_resource_definition
 from kubearq.operator.reference import update_readme
 from kubearq.operator.scraperequest import ScrapeRequestSpec, ScrapeRequestStatus

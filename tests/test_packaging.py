@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kubearq.operator.cli import main
+from kubearq.cli import main
 from tests.crd_rules import REPO
 
 
@@ -22,7 +22,7 @@ def test_stdlib_operator_still_imports_from_the_repo_root() -> None:
 
 
 def test_both_portions_import_from_the_repo_root_and_from_elsewhere() -> None:
-    code = "import kubearq.operator.cli, kubearq.worker.contract, operator; operator.add; print('ok')"
+    code = "import kubearq.cli, kubearq.operator.crds, kubearq.worker.contract, operator; operator.add; print('ok')"
     for cwd in (str(REPO), "/"):
         result = run_python(code, cwd=cwd)
         assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr

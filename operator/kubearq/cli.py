@@ -1,4 +1,8 @@
-"""The `kubearq` command line: operator, worker, crds, validate, demo."""
+"""The `kubearq` command line: operator, worker, crds, validate, demo.
+
+This module is the composition root of the one image: it alone may import both the operator and the
+worker (the import contracts in pyproject.toml keep the two apart everywhere else).
+"""
 
 from __future__ import annotations
 
@@ -16,18 +20,25 @@ from kubearq.operator.resources import API_VERSION, describe_validation_error
 
 NOT_BUILT = {
     "operator": "the operator arrives with its issue (leader election, scheduler, scrape requests)",
-    "worker": "the worker arrives with its issue (ARQ runtime, scrape pipeline)",
     "demo": "the demo arrives in the next phase, with the Helm chart",
 }
+# `kubearq worker` flags; each overrides the environment variable of the same name (upper case).
+WORKER_FLAGS = ("settings", "queue", "max_jobs", "job_timeout", "keep_result", "max_tries", "redis_url",
+                "database_url", "http_port", "shutdown_grace", "log_level")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kubearq", description="ARQ background jobs on Kubernetes, declaratively."
-    )
+    parser = argparse.ArgumentParser(prog="kubearq", description="ARQ background jobs on Kubernetes, declaratively.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("operator", help="run the operator (one elected leader enqueues)")
-    commands.add_parser("worker", help="run an ARQ worker with the built-in and your own jobs")
+    worker = commands.add_parser(
+        "worker", help="run an ARQ worker with the built-in and your own jobs",
+        description="Settings come from the environment (REDIS_URL, DATABASE_URL, QUEUE, MAX_JOBS, ...); "
+                    "a flag overrides the variable of the same name.")
+    for name in WORKER_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        helptext = "import path of your ARQ WorkerSettings, module:Class" if name == "settings" else f"${name.upper()}"
+        worker.add_argument(flag, dest=name, metavar=name.upper(), help=helptext)
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the models")
     crds.add_argument("--output", type=Path, default=Path("crds"), help="directory to write into (default: crds)")
     crds.add_argument("--readme", type=Path, help="also rewrite the resource reference in this README")
@@ -57,6 +68,27 @@ def validate_manifests(paths: Sequence[Path]) -> list[str]:
     return problems
 
 
+def run_worker(args: argparse.Namespace) -> int:
+    from kubearq.worker.builtins import builtin_jobs
+    from kubearq.worker.main import run
+    from kubearq.worker.observability import configure_logging
+    from kubearq.worker.settings import WorkerSettings
+
+    overrides = {name: getattr(args, name) for name in WORKER_FLAGS if getattr(args, name) is not None}
+    try:
+        settings = WorkerSettings(**overrides)
+    except ValidationError as error:
+        print(f"kubearq worker: {WorkerSettings.describe_error(error)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        run(settings, builtin_jobs)
+    except ValueError as error:  # a setting the user gave that turned out unusable at start
+        print(f"kubearq worker: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "crds":
@@ -71,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in problems:
             print(problem, file=sys.stderr)
         return 1 if problems else 0
+    if args.command == "worker":
+        return run_worker(args)
     print(f"kubearq {args.command}: not built yet — {NOT_BUILT[args.command]}", file=sys.stderr)
     return 2
 

@@ -6,6 +6,8 @@ The operator imports only this module from the worker. The scrape settings below
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from enum import StrEnum
 from typing import Annotated, Self
@@ -243,3 +245,71 @@ class FirecrawlBackend(ApiModel):
     """Secret key holding the Firecrawl API key."""
     url: HttpUrl = "https://api.firecrawl.dev"
     """Base URL of the Firecrawl API (self-hosted instances differ)."""
+
+
+class ScrapeSettings(ApiModel):
+    """Everything a scrape job needs from its ScrapeRequest's spec, passed along with every job."""
+
+    links: LinkDiscovery = LinkDiscovery()
+    extract: Extraction = Extraction(json_ld=JsonLdExtraction())
+    backend: Backend = Backend.HTTP
+    firecrawl: FirecrawlBackend | None = None
+    rate_limit: RateLimit = RateLimit()
+    retry: RetryPolicy = RetryPolicy()
+    fetch: FetchPolicy = FetchPolicy()
+    queue: Annotated[str, Field(min_length=1, max_length=128)] = DEFAULT_QUEUE
+
+
+class RequestRef(ApiModel):
+    """Which ScrapeRequest a job works for."""
+
+    uid: Annotated[str, Field(min_length=1, max_length=64)]
+    namespace: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+
+
+class PageJob(ApiModel):
+    """The one keyword argument (`page`) of `scrape_listing` and `scrape_detail`."""
+
+    request: RequestRef
+    url: HttpUrl
+    settings: ScrapeSettings
+
+
+# --- Wire format -------------------------------------------------------------------------------------
+# Jobs and results are JSON, never pickle: whoever can write to Redis must not be able to run code in a
+# worker (ARQ's default serializer is pickle). The operator reads results with the same codec.
+
+
+def _encode_extra(value: object) -> object:
+    if isinstance(value, BaseException):
+        return {"error": f"{type(value).__name__}: {value}", "type": type(value).__name__}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    return repr(value)
+
+
+def serialize(value: object) -> bytes:
+    """ARQ `job_serializer`: JSON; exceptions (failed results) become `{"error": "Type: message"}`."""
+    return json.dumps(value, default=_encode_extra, separators=(",", ":")).encode()
+
+
+def deserialize(data: bytes) -> dict[str, object]:
+    """ARQ `job_deserializer`; anything but a JSON object is refused (ARQ then fails the job)."""
+    decoded = json.loads(data)
+    if not isinstance(decoded, dict):
+        raise ValueError(f"an ARQ job or result must be a JSON object, got {type(decoded).__name__}")
+    return decoded
+
+
+def job_id_for_page(request_uid: str, url: str) -> str:
+    """Deterministic id: the same URL of one request is enqueued (and scraped) once."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:32]
+    return f"kubearq:scrape:{request_uid}:{digest}"
+
+
+def function_registry_key(queue: str) -> str:
+    """Redis hash where workers publish the functions they serve on a queue (field: function name)."""
+    return f"kubearq:functions:{queue}"

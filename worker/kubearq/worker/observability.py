@@ -1,0 +1,112 @@
+"""What both processes share for being watched: JSON logs with context, and the /metrics + probes server.
+
+The operator may import this module (besides the job contract): one log format and one probe server
+for both roles of the image.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import prometheus_client
+from aiohttp import web
+from pythonjsonlogger.json import JsonFormatter
+
+# Fields every log line carries where they apply (style.md: namespace/name and the job id).
+LOG_CONTEXT: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "kubearq_log_context", default=None)
+
+
+@contextmanager
+def log_context(**fields: str) -> Iterator[None]:
+    """Add fields (e.g. `job_id`, `namespace`, `name`) to every log line written inside the block."""
+    token = LOG_CONTEXT.set({**(LOG_CONTEXT.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        LOG_CONTEXT.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in (LOG_CONTEXT.get() or {}).items():
+            setattr(record, key, value)
+        return True
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """One JSON formatter on the root logger; ARQ's and kopf's loggers propagate into it."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter(
+        "{asctime}{levelname}{name}{message}", style="{", rename_fields={"levelname": "level", "asctime": "time"},
+    ))
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("arq", "arq.worker", "arq.jobs", "arq.connections"):
+        # ARQ configures its own handlers only through its CLI's dictConfig; make sure none are left over.
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+Check = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class ProbeServer:
+    """Serves /metrics (Prometheus text format), /healthz (alive) and /readyz (dependencies reachable)."""
+
+    registry: prometheus_client.CollectorRegistry
+    ready_checks: Mapping[str, Check] = field(default_factory=dict)
+    live_checks: Mapping[str, Check] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+    port: int = 0
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        body = prometheus_client.generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    async def _run_checks(self, checks: Mapping[str, Check]) -> web.Response:
+        failed = []
+        for name, check in checks.items():
+            try:
+                healthy = await check()
+            except Exception as error:  # a probe reports, it never crashes the server
+                logging.getLogger(__name__).warning("check %s failed: %s", name, error)
+                healthy = False
+            if not healthy:
+                failed.append(name)
+        if failed:
+            return web.Response(status=503, text=f"failing: {', '.join(failed)}\n")
+        return web.Response(text="ok\n")
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return await self._run_checks(self.live_checks)
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        return await self._run_checks(self.ready_checks)
+
+    async def start(self, host: str, port: int) -> int:
+        """Start serving; returns the bound port (useful with port 0)."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,353 @@
+"""ARQ's Worker with what a Kubernetes Deployment needs.
+
+What ARQ alone does, and what changes here:
+- It reads the queue every `poll_delay` only; here a worker that started jobs reads again at once and a
+  freed slot wakes it, so no-op throughput is not capped at max_jobs / poll_delay.
+- It retries only on `Retry`; here any exception (and a per-try timeout) retries with exponential
+  backoff and jitter until the last try, whose error is kept as the result.
+- A killed worker's job waits for its in-progress key (largest timeout + 10 s, 310 s by default); here
+  a heartbeat keeps that key short-lived, so an orphan runs again within `in_progress_ttl`.
+- On SIGTERM it cancels running jobs and charges them a try; here it stops taking jobs, lets running
+  ones finish within the grace period and puts the rest back at once with the try refunded.
+- A job it cannot decode is failed and deleted; here its raw bytes are kept under a dead-letter key.
+- A Redis outage ends its main loop; here the loop logs, counts and reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.jobs import Job
+from arq.typing import StartupShutdown
+from arq.worker import Function, Retry, Worker
+
+from kubearq.worker.connections import TRANSIENT_ERRORS
+from kubearq.worker.contract import deserialize, function_registry_key, serialize
+from kubearq.worker.metrics import WorkerMetrics
+from kubearq.worker.observability import log_context
+from kubearq.worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+DEAD_LETTER_PREFIX = "kubearq:dead-letter:"
+DEAD_LETTER_SECONDS = 7 * 86_400
+FUNCTION_REGISTRY_SECONDS = 120
+# A retry key must not go below zero when a try is refunded twice (e.g. deferred, then requeued).
+REFUND_TRY = "local n = tonumber(redis.call('GET', KEYS[1]) or '0') if n > 0 then redis.call('DECR', KEYS[1]) end"
+JobCoroutine = Callable[..., Awaitable[object]]
+
+
+class Defer(Exception):  # noqa: N818 - an instruction, not an error
+    """Raised by a job: run it again after `seconds`, without spending a try or holding a slot meanwhile.
+
+    For waits that are not failures: a rate limit's next token, a backend asking to come back later.
+    """
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(f"deferred {seconds:.3f}s: {reason}")
+        self.seconds = max(0.0, seconds)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with equal jitter: try n waits between half and all of base·2ⁿ⁻¹ (capped)."""
+
+    base: float
+    cap: float
+
+    def delay(self, job_try: int, rng: random.Random | None = None) -> float:
+        ceiling = min(self.cap, self.base * (1 << min(30, max(0, job_try - 1))))
+        uniform = rng.uniform if rng else random.uniform
+        return ceiling / 2 + uniform(0, ceiling / 2)
+
+
+def per_try_timeout(base: float, job_try: int) -> float:
+    """Each retry gets twice the time of the try before, up to four times the base."""
+    return base * min(4, 1 << min(2, max(0, job_try - 1)))
+
+
+async def wait_or_timeout(event: asyncio.Event, seconds: float) -> None:
+    """Wait until `event` is set or `seconds` pass, without cancelling anything.
+
+    A timer that sets a private event replaces asyncio.timeout/wait_for here: on Python 3.11 both can
+    swallow a cancellation that arrives as they time out (gh-86296), and shutdown then hangs.
+    """
+    woken = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(seconds, woken.set)
+    waiter = loop.create_task(event.wait())
+    waiter.add_done_callback(lambda _: woken.set())
+    try:
+        await woken.wait()
+    finally:
+        timer.cancel()
+        waiter.cancel()
+
+
+async def stop_task(task: asyncio.Task[Any], seconds: float, what: str) -> None:
+    """Cancel `task` and wait at most `seconds` for it (asyncio.wait neither cancels nor swallows)."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        logger.error("%s did not stop within %.0fs after cancellation; leaving it", what, seconds)
+
+
+async def refund_try(redis: ArqRedis, job_id: str) -> None:
+    """Undo ARQ's try count for a run that was not a real try (a deferral, a shutdown)."""
+    await redis.eval(REFUND_TRY, 1, retry_key_prefix + job_id)  # type: ignore[misc]
+
+
+def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetrics, backoff: Backoff) -> Function:
+    """Wrap a job function with retries, per-try timeouts, deferral, metrics and log context."""
+    base_timeout = function.timeout_s or settings.job_timeout
+    max_tries = function.max_tries or settings.max_tries
+    name = function.name
+
+    async def run(ctx: dict[str, Any], *args: object, **kwargs: object) -> object:
+        job_id, job_try = str(ctx["job_id"]), int(ctx["job_try"])
+        with log_context(job_id=job_id, function=name):
+            metrics.jobs_started.labels(name).inc()
+            metrics.jobs_in_flight.labels(name).inc()
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(per_try_timeout(base_timeout, job_try)):
+                    result = await function.coroutine(ctx, *args, **kwargs)
+            except Defer as defer:
+                await refund_try(ctx["redis"], job_id)
+                metrics.jobs_deferred.labels(name).inc()
+                logger.info("deferred by %.3fs: %s", defer.seconds, defer.reason)
+                raise Retry(defer=defer.seconds) from None
+            except Retry:
+                metrics.jobs_retried.labels(name).inc()
+                raise
+            except asyncio.CancelledError:
+                raise  # shutdown or abort: counted by the worker, which knows which it was
+            except Exception as error:
+                if job_try >= max_tries:
+                    metrics.jobs_failed.labels(name).inc()
+                    logger.error("failed on try %d of %d: %s: %s", job_try, max_tries, type(error).__name__, error)
+                    raise
+                delay = backoff.delay(job_try)
+                metrics.jobs_retried.labels(name).inc()
+                logger.warning("try %d of %d failed, retrying in %.2fs: %s: %s",
+                               job_try, max_tries, delay, type(error).__name__, error)
+                raise Retry(defer=delay) from error
+            else:
+                metrics.jobs_succeeded.labels(name).inc()
+                return result
+            finally:
+                metrics.job_duration.labels(name).observe(time.monotonic() - started)
+                metrics.jobs_in_flight.labels(name).dec()
+
+    return Function(
+        name=name,
+        coroutine=cast(Any, run),
+        # ARQ's own timeout only backs ours up: the per-try timeout above fires first and is retried.
+        timeout_s=per_try_timeout(base_timeout, max_tries) + 10,
+        keep_result_s=function.keep_result_s,
+        keep_result_forever=function.keep_result_forever,
+        # One more than ours: our last try raises its error, ARQ must not refuse that try beforehand.
+        max_tries=max_tries + 1,
+    )
+
+
+class KubearqWorker(Worker):
+    """An ARQ worker that drains on shutdown, heals after crashes and keeps polling through outages."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        functions: Sequence[Function],
+        *,
+        redis: ArqRedis,
+        metrics: WorkerMetrics,
+        ctx: dict[str, Any] | None = None,
+        on_startup: StartupShutdown | None = None,
+        on_shutdown: StartupShutdown | None = None,
+    ) -> None:
+        backoff = Backoff(settings.retry_backoff, settings.retry_backoff_max)
+        super().__init__(
+            [supervised(function, settings, metrics, backoff) for function in functions],
+            queue_name=settings.queue,
+            redis_pool=redis,
+            handle_signals=False,  # the caller owns signals and calls drain()
+            max_jobs=settings.max_jobs,
+            job_timeout=settings.job_timeout,
+            keep_result=settings.keep_result,
+            poll_delay=settings.poll_delay,
+            queue_read_limit=settings.read_limit,
+            max_tries=settings.max_tries + 1,
+            health_check_interval=settings.health_check_interval,
+            job_serializer=serialize,
+            job_deserializer=deserialize,
+            retry_jobs=True,
+            allow_abort_jobs=True,
+            ctx=ctx,
+            on_startup=on_startup,
+            on_shutdown=on_shutdown,
+            log_results=False,
+        )
+        self.settings = settings
+        self.metrics = metrics
+        # Heartbeats refresh the mark; a dead worker's mark expires after this, not after the job timeout.
+        self.in_progress_timeout_s = settings.in_progress_ttl
+        self._slot_freed = asyncio.Event()
+        self._started_last_poll = 0
+        self._draining: set[str] = set()
+        self._last_abort_check = 0.0
+        self._stopping = False
+        self._closing = asyncio.Event()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.redis_available = True
+
+    # --- polling -------------------------------------------------------------------------------------
+
+    async def main(self) -> None:
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        logger.info("serving %d functions on %s: %s", len(self.functions), self.queue_name, ", ".join(self.functions))
+        # The heartbeat outlives the poll loop: jobs finishing during a drain keep their marks fresh.
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="kubearq-heartbeat")
+        outage_backoff = Backoff(0.1, 5.0)
+        failures = 0
+        while not self._stopping:
+            try:
+                await self._poll_iteration()
+            except TRANSIENT_ERRORS as error:
+                failures += 1
+                self.redis_available = False
+                self.metrics.errors.labels("poll").inc()
+                delay = outage_backoff.delay(failures)
+                logger.warning("Redis unavailable (%s: %s); polling again in %.2fs",
+                               type(error).__name__, error, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self.redis_available = True
+            if self._started_last_poll and self.job_counter < self.max_jobs:
+                await asyncio.sleep(0)  # work is waiting: read again at once
+            else:
+                await self._idle()
+
+    async def _idle(self) -> None:
+        """Wait for a freed slot or the poll delay, whichever comes first."""
+        self._slot_freed.clear()
+        await wait_or_timeout(self._slot_freed, self.poll_delay_s)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # Running jobs stay at the head of the queue, and ARQ claims each due id with its own WATCH/MULTI
+        # round trip; polling often, that would re-check every running job every few milliseconds. Skip
+        # our own and, in one pipelined round trip, every id another worker holds.
+        candidates = [job_id for job_id in job_ids if job_id.decode() not in self.tasks]
+        if candidates:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                for job_id in candidates:
+                    pipe.exists(in_progress_key_prefix + job_id.decode())
+                held = await pipe.execute()
+            candidates = [job_id for job_id, taken in zip(candidates, held, strict=True) if not taken]
+        running = len(self.tasks)
+        await super().start_jobs(candidates)
+        self._started_last_poll = len(self.tasks) - running
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._slot_freed.set()
+
+    async def _cancel_aborted_jobs(self) -> None:
+        # ARQ checks for aborts on every poll; a busy worker polls continuously, so check twice a second.
+        now = time.monotonic()
+        if now - self._last_abort_check >= 0.5:
+            self._last_abort_check = now
+            await super()._cancel_aborted_jobs()
+
+    # --- crash recovery --------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        registry = function_registry_key(self.queue_name)
+        while not self._closing.is_set():
+            try:
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    ttl_ms = int(self.in_progress_timeout_s * 1000)
+                    for job_id in list(self.tasks):
+                        pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
+                    now = int(time.time())
+                    pipe.hset(registry, mapping=dict.fromkeys(self.functions, now))
+                    pipe.expire(registry, FUNCTION_REGISTRY_SECONDS)
+                    await pipe.execute()
+            except TRANSIENT_ERRORS as error:
+                self.metrics.errors.labels("heartbeat").inc()
+                logger.warning("heartbeat failed (%s: %s); in-progress marks may expire", type(error).__name__, error)
+            await wait_or_timeout(self._closing, self.settings.heartbeat_interval)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        raw = await self.pool.get(job_key_prefix + job_id)
+        if raw is not None:
+            try:
+                deserialize(raw)
+            except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+                await self.pool.set(DEAD_LETTER_PREFIX + job_id, raw, ex=DEAD_LETTER_SECONDS)
+                logger.error("job %s cannot be decoded (%s); kept as %s%s", job_id, error, DEAD_LETTER_PREFIX, job_id)
+        await super().finish_failed_job(job_id, result_data)
+
+    # --- shutdown --------------------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> list[str]:
+        """Stop taking jobs, let running ones finish within `grace` s, put the rest back; returns their ids."""
+        self.allow_pick_jobs = False
+        self._stopping = True
+        self._slot_freed.set()
+        running = [task for task in self.tasks.values() if not task.done()]
+        logger.info("draining: %d jobs running, %.1fs grace", len(running), grace)
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        unfinished = [job_id for job_id, task in self.tasks.items() if not task.done()]
+        logger.debug("drain: %d jobs to put back", len(unfinished))
+        for job_id in unfinished:
+            self.tasks[job_id].cancel()
+        await asyncio.gather(*(self.tasks[job_id] for job_id in unfinished), return_exceptions=True)
+        # ARQ deleted their in-progress marks (so any worker may take them now) but counted a try each.
+        for job_id in unfinished:
+            await refund_try(self.pool, job_id)
+            function = await self._function_of(job_id)
+            self.metrics.jobs_requeued.labels(function).inc()
+            logger.info("put back %s (%s) without spending a try", job_id, function)
+        return unfinished
+
+    async def close(self) -> None:
+        """ARQ's close, with redis-py 5's `aclose` (ARQ calls the deprecated `close`)."""
+        self._stopping = True
+        self._closing.set()
+        for task in self.tasks.values():
+            task.cancel()
+        if self._heartbeat is not None:
+            await stop_task(self._heartbeat, 10, "the heartbeat")
+        if self.main_task is not None:
+            self.main_task.cancel()
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        logger.debug("removing the health-check key")
+        try:
+            await self.pool.delete(self.health_check_key)
+        except TRANSIENT_ERRORS as error:
+            self.metrics.errors.labels("close").inc()
+            logger.warning("could not remove the health-check key on close: %s", error)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        logger.debug("closing the Redis pool")
+        await self.pool.aclose(close_connection_pool=True)
+        self._pool = None
+
+    async def _function_of(self, job_id: str) -> str:
+        info = await Job(job_id, self.pool, _queue_name=self.queue_name, _deserializer=deserialize).info()
+        return info.function if info else "<unknown>"

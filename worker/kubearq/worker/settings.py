@@ -1,0 +1,100 @@
+"""Worker configuration from the environment (and CLI flags), validated once at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Self
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kubearq.worker.contract import DEFAULT_QUEUE
+
+
+def check_redis_url(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"REDIS_URL must start with redis://, rediss:// (TLS) or unix://, not {url!r}")
+    return url
+
+
+def check_database_url(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in ("postgresql", "postgres"):
+        raise ValueError("DATABASE_URL must be a postgresql:// URL, e.g. postgresql://user:password@db:5432/kubearq")
+    return url
+
+
+class WorkerSettings(BaseSettings):
+    """Everything `kubearq worker` can be told; environment names are the upper-case field names."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+
+    redis_url: Annotated[str, AfterValidator(check_redis_url)] = "redis://localhost:6379/0"
+    """Redis to take jobs from; `rediss://` verifies the server's certificate and host name."""
+    redis_ca_file: Path | None = None
+    """CA bundle for `rediss://` (the system's trust store when unset)."""
+    redis_tls_insecure: bool = False
+    """Skip certificate and host-name verification for `rediss://` (never in production)."""
+    database_url: Annotated[str, AfterValidator(check_database_url)] | None = Field(default=None, repr=False)
+    """PostgreSQL for scrape results and sync tables; the built-in scrape jobs need it."""
+    queue: Annotated[str, Field(min_length=1, max_length=128)] = DEFAULT_QUEUE
+    """ARQ queue to serve."""
+    max_jobs: Annotated[int, Field(ge=1, le=10_000)] = 16
+    """Jobs run at once by this process."""
+    job_timeout: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    """Seconds a job may run (a function's own timeout wins)."""
+    keep_result: Annotated[float, Field(ge=0, le=30 * 86_400)] = 3600.0
+    """Seconds results are kept in Redis (the operator reads schedule outcomes from them)."""
+    max_tries: Annotated[int, Field(ge=1, le=100)] = 5
+    """Tries per job before it fails for good (a function's own setting wins)."""
+    poll_delay: Annotated[float, Field(gt=0, le=10)] = 0.05
+    """Seconds between queue reads while idle; busy workers read again at once."""
+    queue_read_limit: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    """Due job ids read per poll (default: max(1000, 20 * max_jobs)); running jobs sit at the queue's head,
+    so a limit below replicas * max_jobs starves new replicas."""
+    retry_backoff: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    """Seconds before the first retry of a failed job; doubled per try, with jitter."""
+    retry_backoff_max: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    """Longest wait between two tries."""
+    shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 25.0
+    """On SIGTERM, seconds running jobs may finish before they are put back on the queue."""
+    heartbeat_interval: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """Seconds between refreshes of a running job's in-progress mark."""
+    in_progress_ttl: Annotated[float, Field(gt=0, le=300)] = 20.0
+    """Lifetime of an in-progress mark: an orphan of a killed worker runs again after at most this."""
+    health_check_interval: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    """Seconds between health records in Redis (ARQ's `<queue>:health-check`)."""
+    http_port: Annotated[int, Field(ge=0, le=65_535)] = 8080
+    """Port of /metrics, /healthz and /readyz (0: a free port)."""
+    http_host: str = "0.0.0.0"  # noqa: S104 - a pod serves probes and metrics on its own IP
+    """Address the metrics and health server binds."""
+    settings: Annotated[str, Field(pattern=r"^[\w.]+:[\w.]+$")] | None = None
+    """Import path of the user's ARQ WorkerSettings (`module:Class`), whose functions are served too."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+    @model_validator(mode="after")
+    def _timing_consistent(self) -> Self:
+        if self.heartbeat_interval * 2 > self.in_progress_ttl:
+            raise ValueError(
+                f"HEARTBEAT_INTERVAL ({self.heartbeat_interval}) must be at most half of IN_PROGRESS_TTL "
+                f"({self.in_progress_ttl}), or a slow heartbeat lets a running job be taken twice"
+            )
+        if self.retry_backoff_max < self.retry_backoff:
+            raise ValueError("RETRY_BACKOFF_MAX must be at least RETRY_BACKOFF")
+        return self
+
+    @staticmethod
+    def describe_error(error: ValidationError) -> str:
+        """`MAX_JOBS: Input should be greater than or equal to 1`: named as the user set it."""
+        lines = []
+        for item in error.errors():
+            name = str(item["loc"][0]).upper() if item["loc"] else "settings"
+            lines.append(f"{name}: {item['msg'].removeprefix('Value error, ')}")
+        return "; ".join(lines)
+
+    @property
+    def read_limit(self) -> int:
+        return self.queue_read_limit or max(1000, 20 * self.max_jobs)
