@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
