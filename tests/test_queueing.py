@@ -9,7 +9,7 @@ import pytest
 from arq.connections import ArqRedis
 
 from kubearq.worker.connections import create_redis
-from kubearq.worker.queueing import JobState, NewJob, abort_jobs, enqueue_many, job_outcomes, remove_queued
+from kubearq.worker.queueing import JobState, NewJob, Tally, abort_jobs, enqueue_many, job_outcomes, remove_queued
 from tests.test_runtime import running_worker, until
 
 
@@ -65,3 +65,15 @@ async def test_removing_queued_jobs_and_aborting(redis: ArqRedis) -> None:
     assert not await redis.exists("arq:job:r-0")
     await abort_jobs(redis, ["r-2"])
     assert await redis.zscore("arq:abort", "r-2") is not None
+
+
+async def test_tally_counts_caps_and_remembers_ids(redis: ArqRedis) -> None:
+    tally = Tally("progress:r1", "detail_total", "jobs:r1", cap=5)
+    first = await enqueue_many(redis, "arq:queue", [NewJob(f"d-{n}", "echo", {}) for n in range(3)], tally=tally)
+    second = await enqueue_many(redis, "arq:queue", [NewJob(f"d-{n}", "echo", {}) for n in range(10)], tally=tally)
+    assert (first, second) == (["d-0", "d-1", "d-2"], ["d-3", "d-4"])
+    assert await redis.hget("progress:r1", "detail_total") == b"5"  # type: ignore[misc]
+    await redis.delete("arq:job:d-0")  # finished, result expired: still never enqueued twice
+    tally_uncapped = Tally("progress:r1", "detail_total", "jobs:r1")
+    assert await enqueue_many(redis, "arq:queue", [NewJob("d-0", "echo", {})], tally=tally_uncapped) == []
+    assert await redis.scard("jobs:r1") == 5  # type: ignore[misc]

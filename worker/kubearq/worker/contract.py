@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -313,3 +313,27 @@ def job_id_for_page(request_uid: str, url: str) -> str:
 def function_registry_key(queue: str) -> str:
     """Redis hash where workers publish the functions they serve on a queue (field: function name)."""
     return f"kubearq:functions:{queue}"
+
+
+# --- Scrape progress -----------------------------------------------------------------------------------
+# Workers count into Redis; the operator folds the counts into the ScrapeRequest's status.
+
+PageKind = Literal["listing", "detail"]
+PROGRESS_FIELDS = tuple(f"{kind}_{state}" for kind in ("listing", "detail")
+                        for state in ("total", "done", "failed", "deferred"))
+FAILURES_SHOWN = 20
+
+
+def progress_key(request_uid: str) -> str:
+    """Hash of counters `<listing|detail>_<total|done|failed|deferred>` for one ScrapeRequest."""
+    return f"kubearq:progress:{request_uid}"
+
+
+def failures_key(request_uid: str) -> str:
+    """List of the first failed pages (JSON `{"url", "error", "tries"}`), at most FAILURES_SHOWN kept."""
+    return f"kubearq:failures:{request_uid}"
+
+
+def request_jobs_key(request_uid: str) -> str:
+    """Set of every job id enqueued for one ScrapeRequest (what deleting it aborts)."""
+    return f"kubearq:jobs:{request_uid}"

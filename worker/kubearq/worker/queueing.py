@@ -25,17 +25,25 @@ CHUNK = 500  # jobs per script call: long scripts block Redis for every other cl
 DEFAULT_EXPIRES_MS = 86_400_000  # ARQ's expires_extra_ms: a job not started within a day expires
 
 _ENQUEUE = """
-local queue, expires, now = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local queue, counter, members = KEYS[1], KEYS[2], KEYS[3]
+local expires, now, field, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local count = 0
+if counter ~= '' then count = tonumber(redis.call('HGET', counter, field) or '0') end
 local added = {}
-for i = 3, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local id, score, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if redis.call('EXISTS', 'arq:job:' .. id, 'arq:result:' .. id) == 0 then
+  if cap >= 0 and count >= cap then break end
+  if redis.call('EXISTS', 'arq:job:' .. id, 'arq:result:' .. id) == 0
+     and (members == '' or redis.call('SISMEMBER', members, id) == 0) then
     -- as ARQ: a deferred job expires a day after it was due, not a day after it was enqueued
     redis.call('PSETEX', 'arq:job:' .. id, expires + math.max(0, tonumber(score) - now), payload)
     redis.call('ZADD', queue, score, id)
+    if members ~= '' then redis.call('SADD', members, id) end
+    count = count + 1
     added[#added + 1] = id
   end
 end
+if counter ~= '' and #added > 0 then redis.call('HINCRBY', counter, field, #added) end
 return added
 """
 
@@ -51,20 +59,37 @@ class NewJob:
     defer_until_ms: int | None = None
 
 
+@dataclass(frozen=True)
+class Tally:
+    """Count what is added in `hash_key[field]`, stop at `cap`, remember the ids in the set `members_key`.
+
+    Kept in the same script as the enqueue, so totals are exact and a cap (e.g. maxDetailPages) holds
+    across workers enqueueing at once; a remembered id is never enqueued again (even after it finished
+    and its result expired), and is what a deletion aborts.
+    """
+
+    hash_key: str
+    field: str
+    members_key: str
+    cap: int | None = None
+
+
 async def enqueue_many(
     redis: Redis, queue: str, jobs: Sequence[NewJob], *, expires_ms: int = DEFAULT_EXPIRES_MS,
-    now_ms: int | None = None,
+    now_ms: int | None = None, tally: Tally | None = None,
 ) -> list[str]:
     """Enqueue jobs whose ids are new; returns the ids added (duplicates are left out, not errors)."""
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     script = redis.register_script(_ENQUEUE)
     added: list[str] = []
     for start in range(0, len(jobs), CHUNK):
-        argv: list[bytes | str | int] = [expires_ms, now]
+        argv: list[bytes | str | int] = [
+            expires_ms, now, tally.field if tally else "", -1 if tally is None or tally.cap is None else tally.cap]
         for job in jobs[start : start + CHUNK]:
             payload = serialize_job(job.function, tuple(job.args), dict(job.kwargs), None, now, serializer=serialize)
             argv += [job.job_id, job.defer_until_ms or now, payload]
-        result = cast(list[bytes], await script(keys=[queue], args=argv))
+        keys = [queue, tally.hash_key if tally else "", tally.members_key if tally else ""]
+        result = cast(list[bytes], await script(keys=keys, args=argv))
         added += [job_id.decode() for job_id in result]
     return added
 
