@@ -77,3 +77,12 @@ async def test_tally_counts_caps_and_remembers_ids(redis: ArqRedis) -> None:
     tally_uncapped = Tally("progress:r1", "detail_total", "jobs:r1")
     assert await enqueue_many(redis, "arq:queue", [NewJob("d-0", "echo", {})], tally=tally_uncapped) == []
     assert await redis.scard("jobs:r1") == 5  # type: ignore[misc]
+
+
+async def test_a_remembered_id_stays_refused_after_its_job_and_result_are_gone(redis: ArqRedis) -> None:
+    tick = [NewJob("kubearq:tick:u1:1764000000", "echo", {})]
+    assert await enqueue_many(redis, "arq:queue", tick, remember_ms=60_000) == ["kubearq:tick:u1:1764000000"]
+    await redis.delete("arq:job:kubearq:tick:u1:1764000000")
+    await redis.zrem("arq:queue", "kubearq:tick:u1:1764000000")
+    assert await enqueue_many(redis, "arq:queue", tick, remember_ms=60_000) == []
+    assert 0 < await redis.pttl("kubearq:enqueued:kubearq:tick:u1:1764000000") <= 60_000

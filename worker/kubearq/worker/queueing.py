@@ -27,18 +27,21 @@ DEFAULT_EXPIRES_MS = 86_400_000  # ARQ's expires_extra_ms: a job not started wit
 _ENQUEUE = """
 local queue, counter, members = KEYS[1], KEYS[2], KEYS[3]
 local expires, now, field, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local remember = tonumber(ARGV[5])
 local count = 0
 if counter ~= '' then count = tonumber(redis.call('HGET', counter, field) or '0') end
 local added = {}
-for i = 5, #ARGV, 3 do
+for i = 6, #ARGV, 3 do
   local id, score, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if cap >= 0 and count >= cap then break end
   if redis.call('EXISTS', 'arq:job:' .. id, 'arq:result:' .. id) == 0
-     and (members == '' or redis.call('SISMEMBER', members, id) == 0) then
+     and (members == '' or redis.call('SISMEMBER', members, id) == 0)
+     and (remember == 0 or redis.call('EXISTS', 'kubearq:enqueued:' .. id) == 0) then
     -- as ARQ: a deferred job expires a day after it was due, not a day after it was enqueued
     redis.call('PSETEX', 'arq:job:' .. id, expires + math.max(0, tonumber(score) - now), payload)
     redis.call('ZADD', queue, score, id)
     if members ~= '' then redis.call('SADD', members, id) end
+    if remember > 0 then redis.call('SET', 'kubearq:enqueued:' .. id, '1', 'PX', remember) end
     count = count + 1
     added[#added + 1] = id
   end
@@ -76,15 +79,20 @@ class Tally:
 
 async def enqueue_many(
     redis: Redis, queue: str, jobs: Sequence[NewJob], *, expires_ms: int = DEFAULT_EXPIRES_MS,
-    now_ms: int | None = None, tally: Tally | None = None,
+    now_ms: int | None = None, tally: Tally | None = None, remember_ms: int = 0,
 ) -> list[str]:
-    """Enqueue jobs whose ids are new; returns the ids added (duplicates are left out, not errors)."""
+    """Enqueue jobs whose ids are new; returns the ids added (duplicates are left out, not errors).
+
+    With `remember_ms`, an id stays refused that long after it was enqueued, whatever became of the job
+    and however briefly workers keep its result (exactly one run per schedule tick across failovers).
+    """
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     script = redis.register_script(_ENQUEUE)
     added: list[str] = []
     for start in range(0, len(jobs), CHUNK):
         argv: list[bytes | str | int] = [
-            expires_ms, now, tally.field if tally else "", -1 if tally is None or tally.cap is None else tally.cap]
+            expires_ms, now, tally.field if tally else "", -1 if tally is None or tally.cap is None else tally.cap,
+            remember_ms]
         for job in jobs[start : start + CHUNK]:
             payload = serialize_job(job.function, tuple(job.args), dict(job.kwargs), None, now, serializer=serialize)
             argv += [job.job_id, job.defer_until_ms or now, payload]

@@ -1,0 +1,66 @@
+"""What every reconciler is handed: the API, Redis, metrics, settings, the clock and the leader fence."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from kubearq.operator.kube import EVENTS, KubeApi, KubeObject, Resource
+from kubearq.operator.metrics import OperatorMetrics
+from kubearq.operator.resources import GROUP, VERSION
+from kubearq.operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+SYNC_SCHEDULES = Resource(GROUP, VERSION, "syncschedules")
+SCRAPE_REQUESTS = Resource(GROUP, VERSION, "scraperequests")
+FINALIZER = "kubearq.dev/cleanup"
+FIELD_MANAGER = "kubearq-operator"
+API_TIMEOUT = 10.0
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def rfc3339(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class OperatorContext:
+    api: KubeApi
+    redis: Redis
+    metrics: OperatorMetrics
+    settings: OperatorSettings
+    ensure_leader: Callable[[], None]
+    """Raises unless this replica leads right now: called right before every write."""
+    now: Callable[[], datetime.datetime] = field(default=utc_now)
+
+    async def post_event(self, obj: KubeObject, reason: str, message: str, *, warning: bool = False) -> None:
+        """A Kubernetes Event on the resource (what `kubectl describe` shows)."""
+        metadata = obj.get("metadata", {})
+        namespace = str(metadata.get("namespace", "default"))
+        moment = rfc3339(self.now())
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{metadata.get('name', 'kubearq')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": metadata.get("name"),
+                "namespace": namespace, "uid": metadata.get("uid"),
+                "resourceVersion": metadata.get("resourceVersion"),
+            },
+            "reason": reason, "message": message[:1024], "type": "Warning" if warning else "Normal",
+            "firstTimestamp": moment, "lastTimestamp": moment, "count": 1,
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+        }
+        try:
+            await self.api.create(EVENTS, event, namespace=namespace, timeout=API_TIMEOUT)
+        except Exception as error:  # an Event is a courtesy: never let it break reconciliation
+            self.metrics.count_error("post_event")
+            logger.warning("could not post event %s on %s/%s: %s", reason, namespace,
+                                                metadata.get("name"), error)

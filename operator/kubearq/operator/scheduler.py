@@ -1,0 +1,138 @@
+"""SyncSchedule decisions, pure: which ticks are due, which policy applies, what the job id is.
+
+Plus the one heap of next-fire times the leader drives for every schedule (not a task per object).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+from kubearq.operator.cron import iter_ticks
+from kubearq.operator.syncschedule import ConcurrencyPolicy
+
+# A week of every-minute ticks is 10,080; more due ticks than this are all older than any deadline allows.
+MAX_TICKS_KEPT = 20_000
+
+
+def tick_job_id(schedule_uid: str, tick: datetime) -> str:
+    """Deterministic: the same tick of the same schedule is one ARQ job, whoever enqueues it."""
+    return f"kubearq:tick:{schedule_uid}:{int(tick.timestamp())}"
+
+
+def jitter_offset(schedule_uid: str, jitter_seconds: int) -> int:
+    """A delay in [0, jitter_seconds], stable per schedule (a leader change does not move the run)."""
+    if jitter_seconds <= 0:
+        return 0
+    digest = int(hashlib.sha256(schedule_uid.encode()).hexdigest()[:12], 16)
+    return digest % (jitter_seconds + 1)
+
+
+@dataclass(frozen=True)
+class TickPlan:
+    """What to do about the ticks since the last one handled."""
+
+    enqueue: list[datetime]
+    """Due ticks to enqueue now, oldest first."""
+    missed: int
+    """Due ticks skipped for being too old (past `startingDeadlineSeconds`)."""
+    last_handled: datetime | None
+    """The newest due tick (enqueued or missed): the next `lastScheduleTime`; None if none was due."""
+    next_tick: datetime
+    """The first tick after `now`."""
+
+
+def plan_ticks(
+    schedule: str, time_zone: str, since: datetime, now: datetime, starting_deadline_seconds: int | None
+) -> TickPlan:
+    """Ticks in (since, now]: those within the deadline are enqueued once each, older ones missed.
+
+    Without a deadline only the most recent due tick runs (CronJob's behaviour), the rest count as missed.
+    """
+    # Only the most recent ticks can still be enqueued: keep a bounded window of them while counting all.
+    due: deque[datetime] = deque(maxlen=MAX_TICKS_KEPT)
+    ticks = iter_ticks(schedule, time_zone, since)
+    tick = next(ticks)
+    walked = 0
+    while tick <= now:
+        due.append(tick)
+        walked += 1
+        tick = next(ticks)
+    if starting_deadline_seconds is None:
+        enqueue = list(due)[-1:]
+    else:
+        oldest = now - timedelta(seconds=starting_deadline_seconds)
+        enqueue = [moment for moment in due if moment >= oldest]
+    return TickPlan(enqueue=enqueue, missed=walked - len(enqueue), last_handled=due[-1] if due else None,
+                    next_tick=tick)
+
+
+class Action(StrEnum):
+    ENQUEUE = "Enqueue"
+    SKIP = "Skip"
+    REPLACE = "Replace"
+
+
+def decide_policy(policy: ConcurrencyPolicy, active_runs: Sequence[str]) -> Action:
+    """CronJob's concurrencyPolicy: Allow runs overlap, Forbid skips the tick, Replace aborts the old run."""
+    if not active_runs or policy == ConcurrencyPolicy.ALLOW:
+        return Action.ENQUEUE
+    return Action.SKIP if policy == ConcurrencyPolicy.FORBID else Action.REPLACE
+
+
+def tick_memory_ms(floor_seconds: int, lease_duration_seconds: float, starting_deadline_seconds: int | None) -> int:
+    """How long an enqueued tick's id stays refused: beyond any failover plus the catch-up window."""
+    window = lease_duration_seconds + (starting_deadline_seconds or 60) + 60
+    return int(max(floor_seconds, window) * 1000)
+
+
+def parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+@dataclass
+class FireHeap(Generic[Key]):
+    """Next fire time per key, earliest first; updating or removing a key is O(log n) (stale entries skipped)."""
+
+    _heap: list[tuple[datetime, int, Key]] = field(default_factory=list)
+    _current: dict[Key, tuple[datetime, int]] = field(default_factory=dict)
+    _counter: int = 0
+
+    def schedule(self, key: Key, when: datetime) -> None:
+        self._counter += 1
+        self._current[key] = (when, self._counter)
+        heapq.heappush(self._heap, (when, self._counter, key))
+
+    def remove(self, key: Key) -> None:
+        self._current.pop(key, None)
+
+    def pop_due(self, now: datetime) -> list[Key]:
+        due: list[Key] = []
+        while self._heap and self._heap[0][0] <= now:
+            when, counter, key = heapq.heappop(self._heap)
+            if self._current.get(key) == (when, counter):
+                del self._current[key]
+                due.append(key)
+        return due
+
+    def next_time(self) -> datetime | None:
+        while self._heap:
+            when, counter, key = self._heap[0]
+            if self._current.get(key) == (when, counter):
+                return when
+            heapq.heappop(self._heap)
+        return None
+
+    def __len__(self) -> int:
+        return len(self._current)

@@ -1,0 +1,41 @@
+"""Operator configuration from the environment, validated once at start."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    """Everything `kubearq operator` can be told; environment names are the upper-case field names."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+
+    redis_url: str = "redis://localhost:6379/0"
+    """Redis the jobs are enqueued on (the workers' Redis)."""
+    namespace: str | None = None
+    """Watch only this namespace (default: all namespaces)."""
+    lease_name: str = "kubearq-operator"
+    """Name of the coordination.k8s.io Lease the replicas elect a leader on."""
+    lease_namespace: str | None = None
+    """Namespace of the Lease (default: POD_NAMESPACE, else `default`)."""
+    status_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """At most one status patch per resource per this many seconds (progress is coalesced)."""
+    queues: Annotated[str, Field(max_length=4096)] = ""
+    """Comma-separated queues to export metrics for besides those the resources name."""
+    queue_stats_interval: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    """Seconds between refreshes of the per-queue metrics."""
+    tick_memory_seconds: Annotated[int, Field(ge=60, le=30 * 86_400)] = 3600
+    """How long an enqueued tick's id is remembered (refused again) at least; raised to cover the
+    lease duration plus the schedule's catch-up window."""
+    function_freshness_seconds: Annotated[int, Field(ge=10, le=86_400)] = 120
+    """A function counts as served when a worker published it this recently."""
+    http_host: str = "0.0.0.0"  # noqa: S104 - a pod serves probes and metrics on its own IP
+    http_port: Annotated[int, Field(ge=0, le=65_535)] = 8080
+    log_level: str = "INFO"
+
+    @property
+    def extra_queues(self) -> set[str]:
+        return {queue.strip() for queue in self.queues.split(",") if queue.strip()}
