@@ -1,0 +1,220 @@
+"""The leader's SyncSchedule reconciler: from the object and Redis to enqueued ticks and a status.
+
+Level-triggered: everything it needs is in the object (spec, `status.lastScheduleTime`, `status.runs`)
+and in Redis (job states, served functions), so a new leader picks up exactly where the old one stopped,
+and a tick enqueued twice is refused by its deterministic, remembered id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import cast
+
+from pydantic import ValidationError
+
+from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
+from kubearq.operator.context import API_TIMEOUT, SYNC_SCHEDULES, OperatorContext, rfc3339
+from kubearq.operator.kube import ApiError, KubeObject
+from kubearq.operator.resources import describe_validation_error
+from kubearq.operator.scheduler import (
+    Action,
+    decide_policy,
+    jitter_offset,
+    parse_time,
+    plan_ticks,
+    tick_job_id,
+    tick_memory_ms,
+)
+from kubearq.operator.syncschedule import RunOutcome, ScheduleRun, SyncScheduleSpec, SyncScheduleStatus
+from kubearq.worker.connections import TRANSIENT_ERRORS
+from kubearq.worker.contract import function_registry_key
+from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, enqueue_many, job_outcomes, remove_queued
+
+logger = logging.getLogger(__name__)
+
+LEASE_DURATION_SECONDS = 15.0
+RETRY_AFTER_FAILURE = timedelta(seconds=5)
+FINISHED = {RunOutcome.SUCCEEDED, RunOutcome.FAILED, RunOutcome.ABORTED}
+OUTCOMES = {
+    JobState.QUEUED: RunOutcome.QUEUED, JobState.DEFERRED: RunOutcome.QUEUED, JobState.RUNNING: RunOutcome.RUNNING,
+    JobState.SUCCEEDED: RunOutcome.SUCCEEDED, JobState.FAILED: RunOutcome.FAILED,
+    JobState.ABORTED: RunOutcome.ABORTED,
+}
+
+
+def ready(status: ConditionStatus, reason: str, message: str, generation: int, now: datetime) -> Condition:
+    return Condition(type="Ready", status=status, reason=reason, message=message, last_transition_time=now,
+                     observed_generation=generation)
+
+
+def update_runs(runs: Sequence[ScheduleRun], outcomes: Mapping[str, JobOutcome], now: datetime) -> list[ScheduleRun]:
+    """Runs with their outcome read from ARQ; a run whose job and result are both gone stays as it was."""
+    updated = []
+    for run in runs:
+        outcome = outcomes.get(run.job_id)
+        if run.outcome in FINISHED or outcome is None or outcome.state == JobState.UNKNOWN:
+            updated.append(run)
+            continue
+        state = OUTCOMES[outcome.state]
+        finished = None
+        if state in FINISHED:
+            finished = datetime.fromtimestamp(outcome.finished_ms / 1000, now.tzinfo) if outcome.finished_ms else now
+        updated.append(run.model_copy(update={"outcome": state, "finish_time": finished, "error": outcome.error}))
+    return updated
+
+
+def keep_history(runs: Sequence[ScheduleRun], successful: int, failed: int) -> list[ScheduleRun]:
+    """Newest first: every active run, and the newest finished ones within the history limits."""
+    ordered = sorted(runs, key=lambda run: run.scheduled_time, reverse=True)
+    kept, succeeded, unsuccessful = [], 0, 0
+    for run in ordered:
+        if run.outcome == RunOutcome.SUCCEEDED:
+            succeeded += 1
+            if succeeded > successful:
+                continue
+        elif run.outcome in FINISHED:
+            unsuccessful += 1
+            if unsuccessful > failed:
+                continue
+        kept.append(run)
+    return kept
+
+
+async def served_functions(ctx: OperatorContext, queue: str) -> set[str]:
+    published = cast(dict[bytes, bytes], await ctx.redis.hgetall(function_registry_key(queue)))  # type: ignore[misc]
+    fresh_after = time.time() - ctx.settings.function_freshness_seconds
+    return {name.decode() for name, stamp in published.items() if float(stamp) >= fresh_after}
+
+
+async def reconcile_schedule(ctx: OperatorContext, body: KubeObject) -> datetime | None:
+    """Enqueue what is due, record it in status; returns when to look at this schedule again (None: on change)."""
+    metadata = body.get("metadata", {})
+    namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
+    uid, generation = str(metadata.get("uid")), int(metadata.get("generation", 1))
+    now = ctx.now()
+    previous = SyncScheduleStatus.model_validate(body.get("status") or {})
+    try:
+        spec = SyncScheduleSpec.model_validate(body.get("spec"))
+    except ValidationError as error:
+        message = describe_validation_error(error)
+        status = previous.model_copy(update={
+            "observed_generation": generation, "next_schedule_time": None,
+            "conditions": set_condition(previous.conditions, ready(
+                ConditionStatus.FALSE, "InvalidSchedule", message, generation, now))})
+        if await write_status(ctx, body, previous, status):
+            await ctx.post_event(body, "InvalidSchedule", message, warning=True)
+        return None
+
+    queue = spec.job.queue
+    try:
+        outcomes = await job_outcomes(ctx.redis, queue, [run.job_id for run in previous.runs
+                                                         if run.outcome not in FINISHED])
+        served = await served_functions(ctx, queue)
+    except TRANSIENT_ERRORS as error:
+        ctx.metrics.count_error("read_redis")
+        logger.warning("cannot read Redis for %s/%s: %s", namespace, name, error)
+        return now + RETRY_AFTER_FAILURE
+    runs = update_runs(previous.runs, outcomes, now)
+    # A new schedule starts at its creation, as CronJob does; afterwards at the last tick handled.
+    since = previous.last_schedule_time or parse_time(metadata.get("creationTimestamp")) or now
+    plan = plan_ticks(spec.schedule, spec.time_zone, since, now, spec.starting_deadline_seconds)
+    status = previous.model_copy(update={"observed_generation": generation})
+    skipped, missed, last_handled = previous.skipped_ticks, previous.missed_ticks, previous.last_schedule_time
+    condition = ready(ConditionStatus.TRUE, "Scheduled", f"next tick at {rfc3339(plan.next_tick)}", generation, now)
+    retry_at: datetime | None = None
+
+    if spec.suspend:
+        condition = ready(ConditionStatus.FALSE, "Suspended", "spec.suspend is true: no new runs", generation, now)
+    else:
+        missed += plan.missed
+        for tick in plan.enqueue:
+            active = [run.job_id for run in runs if run.outcome not in FINISHED]
+            action = decide_policy(spec.concurrency_policy, active)
+            if action == Action.SKIP:
+                skipped += 1
+                last_handled = tick
+                await ctx.post_event(body, "TickSkipped", f"tick {rfc3339(tick)} skipped: concurrencyPolicy Forbid "
+                                     f"and {len(active)} run(s) still active ({', '.join(active)})")
+                continue
+            try:
+                if action == Action.REPLACE:
+                    ctx.ensure_leader()
+                    await remove_queued(ctx.redis, queue, active)
+                    await abort_jobs(ctx.redis, active)
+                    runs = [run.model_copy(update={"outcome": RunOutcome.ABORTED, "finish_time": now,
+                                                   "error": f"replaced by the run of {rfc3339(tick)}"})
+                            if run.job_id in active else run for run in runs]
+                runs.append(await enqueue_tick(ctx, spec, uid, tick, now))
+                last_handled = tick
+            except TRANSIENT_ERRORS as error:
+                ctx.metrics.count_error("enqueue")
+                message = f"could not enqueue the tick of {rfc3339(tick)}: {type(error).__name__}: {error}"
+                condition = ready(ConditionStatus.FALSE, "EnqueueFailed", message, generation, now)
+                await ctx.post_event(body, "EnqueueFailed", message, warning=True)
+                retry_at = now + RETRY_AFTER_FAILURE
+                break
+        if condition.reason == "Scheduled" and spec.job.function not in served:
+            condition = ready(
+                ConditionStatus.FALSE, "FunctionUnknown",
+                f"no worker on queue {queue!r} has published function {spec.job.function!r} in the last "
+                f"{ctx.settings.function_freshness_seconds}s (a typo, or workers not running yet); ticks are "
+                "enqueued anyway", generation, now)
+
+    runs = keep_history(runs, spec.successful_runs_history_limit, spec.failed_runs_history_limit)
+    active_ids = [run.job_id for run in runs if run.outcome not in FINISHED]
+    status = status.model_copy(update={
+        "runs": runs, "active": active_ids, "active_count": len(active_ids),
+        "skipped_ticks": skipped, "missed_ticks": missed, "last_schedule_time": last_handled,
+        "next_schedule_time": None if spec.suspend else plan.next_tick,
+        "conditions": set_condition(previous.conditions, condition),
+    })
+    await write_status(ctx, body, previous, status)
+    wake = [plan.next_tick] if not spec.suspend else []
+    if active_ids:
+        wake.append(now + timedelta(seconds=ctx.settings.status_interval))
+    if retry_at:
+        wake.append(retry_at)
+    return min(wake) if wake else None
+
+
+async def enqueue_tick(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime,
+                       now: datetime) -> ScheduleRun:
+    """Enqueue one tick's job (deferred by the schedule's jitter); a second enqueue of it is refused."""
+    job_id = tick_job_id(uid, tick)
+    run_at = tick + timedelta(seconds=jitter_offset(uid, spec.jitter_seconds))
+    job = NewJob(job_id, spec.job.function, spec.job.keyword_args, args=spec.job.args,
+                 defer_until_ms=int(run_at.timestamp() * 1000))
+    remember = tick_memory_ms(max(ctx.settings.tick_memory_seconds, spec.job.keep_result_seconds or 0),
+                              LEASE_DURATION_SECONDS, spec.starting_deadline_seconds)
+    ctx.ensure_leader()  # the fence: a replica that lost the Lease writes nothing
+    added = await enqueue_many(ctx.redis, spec.job.queue, [job], remember_ms=remember)
+    if added:
+        ctx.metrics.count_enqueued("schedule", spec.job.queue)
+        ctx.metrics.observe_tick_lag((now - tick).total_seconds())
+        logger.info("enqueued %s for the tick of %s", job_id, rfc3339(tick))
+    else:
+        ctx.metrics.count_duplicate_enqueue("schedule")
+        logger.info("tick %s already enqueued (%s): refused as a duplicate", rfc3339(tick), job_id)
+    return ScheduleRun(job_id=job_id, scheduled_time=tick, enqueued_time=now, outcome=RunOutcome.QUEUED)
+
+
+async def write_status(ctx: OperatorContext, body: KubeObject, previous: SyncScheduleStatus,
+                       status: SyncScheduleStatus) -> bool:
+    """Patch status through the subresource when it changed; returns whether it was written."""
+    if status == previous:
+        return False
+    metadata = body.get("metadata", {})
+    document = status.model_dump(mode="json", by_alias=True)  # None values clear fields in a merge patch
+    ctx.ensure_leader()
+    try:
+        await ctx.api.patch_status(SYNC_SCHEDULES, str(metadata.get("name")), document,
+                                   namespace=str(metadata.get("namespace")), timeout=API_TIMEOUT)
+    except ApiError as error:
+        ctx.metrics.count_status_patch("SyncSchedule", "conflict" if error.code == 409 else "error")
+        logger.warning("status of %s/%s not written: %s", metadata.get("namespace"), metadata.get("name"), error)
+        return False
+    ctx.metrics.count_status_patch("SyncSchedule", "ok")
+    return True
