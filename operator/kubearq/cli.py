@@ -19,7 +19,6 @@ from kubearq.operator.reference import update_readme
 from kubearq.operator.resources import API_VERSION, describe_validation_error
 
 NOT_BUILT = {
-    "operator": "the operator arrives with its issue (leader election, scheduler, scrape requests)",
     "demo": "the demo arrives in the next phase, with the Helm chart",
 }
 # `kubearq worker` flags; each overrides the environment variable of the same name (upper case).
@@ -30,7 +29,10 @@ WORKER_FLAGS = ("settings", "queue", "max_jobs", "job_timeout", "keep_result", "
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubearq", description="ARQ background jobs on Kubernetes, declaratively.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("operator", help="run the operator (one elected leader enqueues)")
+    commands.add_parser(
+        "operator", help="run the operator (one elected leader enqueues)",
+        description="Settings come from the environment: REDIS_URL, NAMESPACE, LEASE_NAME, LEASE_NAMESPACE, "
+                    "POD_NAME, STATUS_INTERVAL, QUEUES, HTTP_PORT, LOG_LEVEL.")
     worker = commands.add_parser(
         "worker", help="run an ARQ worker with the built-in and your own jobs",
         description="Settings come from the environment (REDIS_URL, DATABASE_URL, QUEUE, MAX_JOBS, ...); "
@@ -89,6 +91,21 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_operator() -> int:
+    from kubearq.operator.main import run
+    from kubearq.operator.settings import OperatorSettings
+    from kubearq.worker.observability import configure_logging
+
+    try:
+        settings = OperatorSettings()
+    except ValidationError as error:
+        print(f"kubearq operator: {describe_validation_error(error, prefix='settings')}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    run(settings)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "crds":
@@ -105,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if problems else 0
     if args.command == "worker":
         return run_worker(args)
+    if args.command == "operator":
+        return run_operator()
     print(f"kubearq {args.command}: not built yet — {NOT_BUILT[args.command]}", file=sys.stderr)
     return 2
 

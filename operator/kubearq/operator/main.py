@@ -1,0 +1,241 @@
+"""`kubearq operator`: kopf watches, one elected leader reconciles, every replica serves probes and metrics.
+
+kopf's change handlers, timers and daemons keep per-object state in annotations and add finalizers from
+every replica, and kopf's peering pauses standbys for 60 s; so kopf is used here only for what is
+stateless and the same in every replica: `on.event` spies feeding an in-memory store of all objects
+(warm in standbys) and login. The leader — elected on a Lease, see leader.py — reconciles every object
+on gaining the Lease, then on every change and at each object's next due time, from one heap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import kopf
+
+from kubearq.operator.context import OperatorContext, utc_now
+from kubearq.operator.kube import KubeApi, KubeObject
+from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLeaderError
+from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
+from kubearq.operator.resources import GROUP, VERSION
+from kubearq.operator.scheduler import FireHeap
+from kubearq.operator.schedules import reconcile_schedule
+from kubearq.operator.settings import OperatorSettings
+from kubearq.worker.connections import TRANSIENT_ERRORS, create_redis
+from kubearq.worker.observability import ProbeServer
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+Reconciler = Callable[[OperatorContext, KubeObject], Awaitable[datetime | None]]
+"""Reconciles one object; returns when to look at it again (None: only when it changes)."""
+PLURALS = {"SyncSchedule": "syncschedules", "ScrapeRequest": "scraperequests"}
+LONGEST_SLEEP = timedelta(seconds=1)  # the loop re-reads the clock at least this often (clock jumps, tests)
+
+
+@dataclass
+class ResourceStore:
+    """Every SyncSchedule and ScrapeRequest as last seen on the watch; `dirty` keys changed since read."""
+
+    objects: dict[Key, KubeObject] = field(default_factory=dict)
+    dirty: set[Key] = field(default_factory=set)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def observe(self, kind: str, event_type: str | None, body: KubeObject) -> None:
+        metadata = body.get("metadata", {})
+        key = (kind, str(metadata.get("namespace")), str(metadata.get("name")))
+        if event_type == "DELETED":
+            self.objects.pop(key, None)
+        else:
+            self.objects[key] = body
+        self.dirty.add(key)
+        self.changed.set()
+
+    def queues(self) -> set[str]:
+        found = set()
+        for (kind, _, _), body in self.objects.items():
+            spec = cast(dict[str, Any], body.get("spec") or {})
+            queue = (spec.get("job") or {}).get("queue") if kind == "SyncSchedule" else spec.get("queue")
+            found.add(str(queue or "arq:queue"))
+        return found
+
+
+def default_reconcilers() -> dict[str, Reconciler]:
+    from kubearq.operator.scrapes import reconcile_scrape_request
+
+    async def scrape_request(ctx: OperatorContext, body: KubeObject) -> datetime | None:
+        result = await reconcile_scrape_request(ctx, body)
+        wake: datetime | None = result.wake_at
+        return wake
+
+    return {"SyncSchedule": reconcile_schedule, "ScrapeRequest": scrape_request}
+
+
+async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[str, Reconciler]) -> None:
+    """The leader's loop: reconcile everything once, then what changed and what is due."""
+    heap: FireHeap[Key] = FireHeap()
+    store.dirty.update(store.objects)
+    logger.info("leading: reconciling %d objects", len(store.objects))
+    while True:
+        now = ctx.now()
+        keys = set(store.dirty) | set(heap.pop_due(now))
+        store.dirty.clear()
+        store.changed.clear()
+        for key in sorted(keys):
+            body = store.objects.get(key)
+            if body is None:
+                heap.remove(key)
+                continue
+            wake = await reconcile_one(ctx, key, body, reconcilers)
+            if wake is None:
+                heap.remove(key)
+            else:
+                heap.schedule(key, wake)
+        if store.dirty:
+            continue
+        next_time = heap.next_time()
+        delay = min(LONGEST_SLEEP, (next_time - ctx.now()) if next_time else LONGEST_SLEEP)
+        await wait_for_change(store.changed, max(0.0, delay.total_seconds()))
+
+
+async def reconcile_one(ctx: OperatorContext, key: Key, body: KubeObject,
+                        reconcilers: Mapping[str, Reconciler]) -> datetime | None:
+    """One object; an error we did not foresee is logged, counted and retried later, never fatal."""
+    kind, namespace, name = key
+    reconcile = reconcilers.get(kind)
+    if reconcile is None:
+        return None
+    try:
+        return await reconcile(ctx, body)
+    except NotLeaderError:
+        raise  # leadership is gone: the elector cancels this loop
+    except TRANSIENT_ERRORS as error:
+        ctx.metrics.count_error(f"reconcile_{kind}")
+        logger.warning("reconciling %s %s/%s failed: %s; retrying", kind, namespace, name, error)
+    except Exception:
+        ctx.metrics.count_error(f"reconcile_{kind}")
+        logger.exception("reconciling %s %s/%s failed; retrying", kind, namespace, name)
+    return ctx.now() + timedelta(seconds=ctx.settings.status_interval)
+
+
+async def wait_for_change(changed: asyncio.Event, seconds: float) -> None:
+    """Until the store changes or `seconds` pass, without asyncio.timeout (see worker/runtime.py)."""
+    woken = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(seconds, woken.set)
+    waiter = loop.create_task(changed.wait())
+    waiter.add_done_callback(lambda _: woken.set())
+    try:
+        await woken.wait()
+    finally:
+        timer.cancel()
+        waiter.cancel()
+
+
+def build_registry(store: ResourceStore, connection: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    def spy_on(kind: str) -> Callable[..., None]:
+        def spy(*, event: kopf.RawEvent, **_: Any) -> None:
+            store.observe(kind, event.get("type"), cast(KubeObject, event.get("object") or {}))
+
+        return spy
+
+    for kind, plural in PLURALS.items():
+        kopf.on.event(GROUP, VERSION, plural, registry=registry)(spy_on(kind))
+
+    @kopf.on.login(registry=registry)
+    def login(**_: object) -> kopf.ConnectionInfo:
+        return connection
+
+    return registry
+
+
+def kopf_settings() -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    # A stalled watch stream otherwise goes silent (style.md): the server ends each stream, the client
+    # gives up a little later and kopf resumes the watch.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 60
+    settings.posting.level = logging.WARNING  # Kubernetes Events from kopf itself: warnings and errors only
+    return settings
+
+
+def default_connection() -> kopf.ConnectionInfo:
+    """In a pod, the service account; elsewhere, the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    settings = kopf.OperatorSettings()
+    connection = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if connection is None:
+        raise kopf.LoginError("no service account and no kubeconfig: cannot reach the Kubernetes API")
+    return connection
+
+
+async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionInfo, *,
+                       stop: asyncio.Event, ready: asyncio.Event | None = None,
+                       now: Callable[[], datetime] = utc_now, identity: str | None = None,
+                       reconcilers: Mapping[str, Reconciler] | None = None) -> None:
+    """Everything one operator replica does, until `stop` is set."""
+    metrics = OperatorMetrics()
+    store = ResourceStore()
+    redis = create_redis(settings.redis_url)
+    api = KubeApi(connection, field_manager="kubearq-operator")
+    overrides = {"lease_namespace": settings.lease_namespace, "identity": identity}
+    election = LeaderElectionConfig(lease_name=settings.lease_name,
+                                    **{key: value for key, value in overrides.items() if value})
+    elector = LeaderElector(api, election, leader_gauge=metrics.leader,
+                            lease_errors=metrics.errors.labels(operation="lease"))
+    ctx = OperatorContext(api=api, redis=redis, metrics=metrics, settings=settings,
+                          ensure_leader=elector.ensure_leader, now=now)
+    refresher = QueueStatsRefresher(redis, metrics, queues=lambda: store.queues() | settings.extra_queues,
+                                    interval_seconds=settings.queue_stats_interval)
+
+    async def redis_answers() -> bool:
+        return bool(await redis.ping())
+
+    async def refresher_alive() -> bool:
+        return refresher.alive
+
+    probes = ProbeServer(metrics.registry, ready_checks={"redis": redis_answers},
+                         live_checks={"queue-metrics": refresher_alive})
+    await probes.start(settings.http_host, settings.http_port)
+    refresher.start()
+    chosen = reconcilers if reconcilers is not None else default_reconcilers()
+    electing = asyncio.create_task(elector.run(lambda: lead(ctx, store, chosen)), name="kubearq-election")
+    kopf_stop = asyncio.Event()
+    namespaces: Iterable[str] = [settings.namespace] if settings.namespace else []
+    watching = asyncio.create_task(kopf.operator(
+        registry=build_registry(store, connection), settings=kopf_settings(), standalone=True,
+        clusterwide=not settings.namespace, namespaces=list(namespaces), stop_flag=kopf_stop, ready_flag=ready,
+    ), name="kubearq-kopf")
+    try:
+        await stop.wait()
+    finally:
+        logger.info("stopping: releasing the Lease")
+        await elector.release()
+        await asyncio.wait({electing}, timeout=10)
+        kopf_stop.set()
+        await asyncio.wait({watching}, timeout=30)
+        await refresher.stop()
+        await probes.stop()
+        await api.aclose()
+        await redis.aclose()
+
+
+def run(settings: OperatorSettings) -> None:
+    """Process entry point: SIGTERM/SIGINT release the Lease and stop."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_operator(settings, default_connection(), stop=stop)
+
+    asyncio.run(main())

@@ -1,0 +1,156 @@
+"""Whole operator replicas against the API emulator and a real Redis: one leader, each tick once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+
+from kubearq.operator.context import SYNC_SCHEDULES
+from kubearq.operator.kube import LEASES
+from kubearq.operator.main import run_operator
+from kubearq.operator.schedules import reconcile_schedule
+from kubearq.operator.settings import OperatorSettings
+from kubearq.worker.connections import create_redis
+from tests.emulator import KubernetesUnderTest
+from tests.services import free_port
+
+
+@dataclass
+class ShiftedClock:
+    """Real time plus an offset a test can move forward (the operator polls the clock at least once a second)."""
+
+    offset: timedelta = field(default_factory=timedelta)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+@dataclass
+class Replica:
+    name: str
+    port: int
+    stop: threading.Event
+    thread: threading.Thread
+    failures: list[BaseException]
+
+
+@asynccontextmanager
+async def replicas(k8s: KubernetesUnderTest, redis_url: str, clock: Callable[[], datetime],
+                   names: tuple[str, ...]) -> AsyncIterator[dict[str, Replica]]:
+    """Operator replicas, each in a thread with its own loop (kopf cancels foreign tasks in its loop)."""
+    running: dict[str, Replica] = {}
+    for name in names:
+        port = free_port()
+        settings = OperatorSettings(redis_url=redis_url, namespace=k8s.namespace, lease_namespace=k8s.namespace,
+                                    status_interval=0.5, http_host="127.0.0.1", http_port=port,
+                                    queue_stats_interval=1.0)
+        stop_flag, failures = threading.Event(), list[BaseException]()
+
+        def main(settings: OperatorSettings = settings, stop_flag: threading.Event = stop_flag,
+                 failures: list[BaseException] = failures, name: str = name) -> None:
+            async def serve() -> None:
+                stop = asyncio.Event()
+                watcher = asyncio.create_task(asyncio.to_thread(stop_flag.wait))
+                watcher.add_done_callback(lambda _: stop.set())
+                await run_operator(settings, k8s.connection, stop=stop, now=clock, identity=name,
+                                   reconcilers={"SyncSchedule": reconcile_schedule})
+
+            try:
+                asyncio.run(serve())
+            except BaseException as error:
+                failures.append(error)
+
+        thread = threading.Thread(target=main, name=f"operator-{name}")
+        running[name] = Replica(name, port, stop_flag, thread, failures)
+        thread.start()
+    try:
+        yield running
+    finally:
+        for replica in running.values():
+            replica.stop.set()
+        for replica in running.values():
+            await asyncio.to_thread(replica.thread.join, 60)
+            assert not replica.thread.is_alive(), f"operator {replica.name} did not stop"
+            if replica.failures:
+                raise replica.failures[0]
+
+
+async def eventually(probe: Callable[[], Any], within: float = 20.0, what: str = "condition") -> Any:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} did not happen within {within}s (last: {value!r})")
+        await asyncio.sleep(0.1)
+
+
+async def lease_holder(k8s: KubernetesUnderTest) -> str:
+    try:
+        lease = await k8s.api.get(LEASES, "kubearq-operator", namespace=k8s.namespace, timeout=5)
+    except Exception:
+        return ""
+    return str((lease.get("spec") or {}).get("holderIdentity") or "")
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[ArqRedis]:
+    client = create_redis(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.timeout(180)
+async def test_two_replicas_elect_one_leader_which_enqueues_each_tick_once_across_a_failover(
+    k8s: KubernetesUnderTest, redis_url: str, redis: ArqRedis
+) -> None:
+    k8s.require_emulator()
+    clock = ShiftedClock()
+    body = {"apiVersion": "kubearq.dev/v1alpha1", "kind": "SyncSchedule", "metadata": {"name": "minutely"},
+            "spec": {"schedule": "* * * * *", "job": {"function": "sync_connections"}}}
+    created = await k8s.api.create(SYNC_SCHEDULES, body, namespace=k8s.namespace, timeout=10)
+    start = datetime.fromisoformat(str(created["metadata"]["creationTimestamp"]).replace("Z", "+00:00"))
+    first_tick = start.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    async with replicas(k8s, redis_url, clock, ("alpha", "beta")) as running:
+        leader = await eventually(lambda: lease_holder(k8s), what="a leader")
+        clock.offset = first_tick - datetime.now(UTC) + timedelta(seconds=1)
+        await eventually(lambda: redis.zcard("arq:queue"), what="the first tick's enqueue")
+        status = await eventually(lambda: _status_with(k8s, "lastScheduleTime"), what="lastScheduleTime")
+        assert status["activeCount"] == 1
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://127.0.0.1:{running[leader].port}/metrics")).text
+        assert "kubearq_leader 1.0" in metrics
+        assert 'kubearq_enqueued_jobs_total{queue="arq:queue",source="schedule"} 1.0' in metrics
+
+        running[leader].stop.set()  # SIGTERM: the leader releases the Lease
+        standby = "beta" if leader == "alpha" else "alpha"
+        await eventually(lambda: _holder_is(k8s, standby), within=10, what="the hand-over")
+        clock.offset += timedelta(minutes=1)
+        await eventually(lambda: _queued_at_least(redis, 2), what="the second tick's enqueue")
+        clock.offset += timedelta(seconds=3)
+        await asyncio.sleep(2)  # the new leader keeps reconciling; nothing may be enqueued twice
+        assert await redis.zcard("arq:queue") == 2
+
+
+async def _status_with(k8s: KubernetesUnderTest, field_name: str) -> dict[str, Any] | None:
+    obj = await k8s.api.get(SYNC_SCHEDULES, "minutely", namespace=k8s.namespace, timeout=5)
+    status: dict[str, Any] = dict(obj.get("status") or {})
+    return status if status.get(field_name) else None
+
+
+async def _holder_is(k8s: KubernetesUnderTest, identity: str) -> bool:
+    return await lease_holder(k8s) == identity
+
+
+async def _queued_at_least(redis: ArqRedis, count: int) -> bool:
+    return bool(await redis.zcard("arq:queue") >= count)
