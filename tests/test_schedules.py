@@ -16,8 +16,9 @@ from kubearq.operator.kube import EVENTS, KubeObject
 from kubearq.operator.leader import NotLeaderError
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.scheduler import tick_job_id
-from kubearq.operator.schedules import reconcile_schedule
+from kubearq.operator.schedules import keep_history, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
+from kubearq.operator.syncschedule import ScheduleRun
 from kubearq.worker.connections import create_redis
 from kubearq.worker.contract import function_registry_key
 from tests.emulator import KubernetesUnderTest
@@ -269,3 +270,9 @@ async def test_a_replica_that_is_not_the_leader_writes_nothing(k8s: KubernetesUn
         await reconcile_schedule(context(k8s, redis, clock, leader=False), obj)
     assert await queued_ids(redis) == []
     assert (await fetch(k8s, "standby")).get("status", {}).get("runs", []) == []
+
+
+def test_only_the_newest_hundred_active_runs_are_tracked() -> None:
+    runs = [ScheduleRun(job_id=f"j{n}", scheduled_time=T0 + timedelta(minutes=n)) for n in range(150)]
+    kept = keep_history(runs, successful=3, failed=1)
+    assert [run.job_id for run in kept] == [f"j{n}" for n in range(149, 49, -1)]

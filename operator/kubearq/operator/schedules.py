@@ -28,7 +28,13 @@ from kubearq.operator.scheduler import (
     tick_job_id,
     tick_memory_ms,
 )
-from kubearq.operator.syncschedule import RunOutcome, ScheduleRun, SyncScheduleSpec, SyncScheduleStatus
+from kubearq.operator.syncschedule import (
+    MAX_ACTIVE,
+    RunOutcome,
+    ScheduleRun,
+    SyncScheduleSpec,
+    SyncScheduleStatus,
+)
 from kubearq.worker.connections import TRANSIENT_ERRORS
 from kubearq.worker.contract import function_registry_key
 from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, enqueue_many, job_outcomes, remove_queued
@@ -67,11 +73,19 @@ def update_runs(runs: Sequence[ScheduleRun], outcomes: Mapping[str, JobOutcome],
 
 
 def keep_history(runs: Sequence[ScheduleRun], successful: int, failed: int) -> list[ScheduleRun]:
-    """Newest first: every active run, and the newest finished ones within the history limits."""
+    """Newest first: the newest MAX_ACTIVE active runs, and the newest finished ones within the limits.
+
+    With `Allow` and no worker taking jobs, active runs pile up; only the newest are tracked in status
+    (the object must stay small), the older ones stay on the queue untouched.
+    """
     ordered = sorted(runs, key=lambda run: run.scheduled_time, reverse=True)
-    kept, succeeded, unsuccessful = [], 0, 0
+    kept, active, succeeded, unsuccessful = [], 0, 0, 0
     for run in ordered:
-        if run.outcome == RunOutcome.SUCCEEDED:
+        if run.outcome not in FINISHED:
+            active += 1
+            if active > MAX_ACTIVE:
+                continue
+        elif run.outcome == RunOutcome.SUCCEEDED:
             succeeded += 1
             if succeeded > successful:
                 continue

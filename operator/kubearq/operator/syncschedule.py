@@ -171,9 +171,9 @@ class SyncScheduleStatus(ApiModel):
     next_schedule_time: datetime | None = None
     """The next tick."""
     active: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=MAX_ACTIVE)] = []
-    """Ids of runs queued or running."""
+    """Ids of runs queued or running (the newest 100 are tracked)."""
     active_count: Annotated[int, Field(ge=0)] = 0
-    """Number of runs queued or running (the `Active` column)."""
+    """Number of tracked runs queued or running (the `Active` column)."""
     runs: Annotated[list[ScheduleRun], Field(max_length=2 * MAX_RUNS_HISTORY + MAX_ACTIVE)] = []
     """Recent runs, newest first, within the history limits."""
     skipped_ticks: Annotated[int, Field(ge=0)] = 0
