@@ -112,41 +112,47 @@ def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetr
     max_tries = function.max_tries or settings.max_tries
     name = function.name
 
+    # Metric children looked up once, not on every try (labels() is a dict lookup under a lock).
+    started_total, in_flight = metrics.jobs_started.labels(name), metrics.jobs_in_flight.labels(name)
+    succeeded, failed = metrics.jobs_succeeded.labels(name), metrics.jobs_failed.labels(name)
+    retried, deferred = metrics.jobs_retried.labels(name), metrics.jobs_deferred.labels(name)
+    duration = metrics.job_duration.labels(name)
+
     async def run(ctx: dict[str, Any], *args: object, **kwargs: object) -> object:
         job_id, job_try = str(ctx["job_id"]), int(ctx["job_try"])
         with log_context(job_id=job_id, function=name):
-            metrics.jobs_started.labels(name).inc()
-            metrics.jobs_in_flight.labels(name).inc()
+            started_total.inc()
+            in_flight.inc()
             started = time.monotonic()
             try:
                 async with asyncio.timeout(per_try_timeout(base_timeout, job_try)):
                     result = await function.coroutine(ctx, *args, **kwargs)
             except Defer as defer:
                 await refund_try(ctx["redis"], job_id)
-                metrics.jobs_deferred.labels(name).inc()
+                deferred.inc()
                 logger.info("deferred by %.3fs: %s", defer.seconds, defer.reason)
                 raise Retry(defer=defer.seconds) from None
             except Retry:
-                metrics.jobs_retried.labels(name).inc()
+                retried.inc()
                 raise
             except asyncio.CancelledError:
                 raise  # shutdown or abort: counted by the worker, which knows which it was
             except Exception as error:
                 if job_try >= max_tries:
-                    metrics.jobs_failed.labels(name).inc()
+                    failed.inc()
                     logger.error("failed on try %d of %d: %s: %s", job_try, max_tries, type(error).__name__, error)
                     raise
                 delay = backoff.delay(job_try)
-                metrics.jobs_retried.labels(name).inc()
+                retried.inc()
                 logger.warning("try %d of %d failed, retrying in %.2fs: %s: %s",
                                job_try, max_tries, delay, type(error).__name__, error)
                 raise Retry(defer=delay) from error
             else:
-                metrics.jobs_succeeded.labels(name).inc()
+                succeeded.inc()
                 return result
             finally:
-                metrics.job_duration.labels(name).observe(time.monotonic() - started)
-                metrics.jobs_in_flight.labels(name).dec()
+                duration.observe(time.monotonic() - started)
+                in_flight.dec()
 
     return Function(
         name=name,
