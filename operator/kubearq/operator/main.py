@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import kopf
 
@@ -25,7 +25,7 @@ from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLead
 from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
 from kubearq.operator.resources import GROUP, VERSION
 from kubearq.operator.scheduler import FireHeap
-from kubearq.operator.schedules import reconcile_schedule
+from kubearq.operator.schedules import ScheduleStep, advance_schedule, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import TRANSIENT_ERRORS, create_redis
 from kubearq.worker.observability import ProbeServer
@@ -36,7 +36,9 @@ Key = tuple[str, str, str]  # (kind, namespace, name)
 Reconciler = Callable[[OperatorContext, KubeObject], Awaitable[datetime | None]]
 """Reconciles one object; returns when to look at it again (None: only when it changes)."""
 PLURALS = {"SyncSchedule": "syncschedules", "ScrapeRequest": "scraperequests"}
-LONGEST_SLEEP = timedelta(seconds=1)  # the loop re-reads the clock at least this often (clock jumps, tests)
+LONGEST_SLEEP = timedelta(seconds=1)
+CONCURRENCY = 64  # objects reconciled at once: Redis and the API server take the rest as a pipeline
+T = TypeVar("T")  # the loop re-reads the clock at least this often (clock jumps, tests)
 
 
 @dataclass
@@ -87,12 +89,11 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
         keys = set(store.dirty) | set(heap.pop_due(now))
         store.dirty.clear()
         store.changed.clear()
-        for key in sorted(keys):
-            body = store.objects.get(key)
-            if body is None:
-                heap.remove(key)
-                continue
-            wake = await reconcile_one(ctx, key, body, reconcilers)
+        present = [key for key in sorted(keys) if key in store.objects]
+        for key in keys.difference(present):
+            heap.remove(key)
+        wakes = await reconcile_all(ctx, [(key, store.objects[key]) for key in present], reconcilers)
+        for key, wake in zip(present, wakes, strict=True):
             if wake is None:
                 heap.remove(key)
             else:
@@ -102,6 +103,48 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
         next_time = heap.next_time()
         delay = min(LONGEST_SLEEP, (next_time - ctx.now()) if next_time else LONGEST_SLEEP)
         await wait_for_change(store.changed, max(0.0, delay.total_seconds()))
+
+
+async def reconcile_all(ctx: OperatorContext, due: Sequence[tuple[Key, KubeObject]],
+                        reconcilers: Mapping[str, Reconciler]) -> list[datetime | None]:
+    """Reconcile many objects, CONCURRENCY at a time; SyncSchedules in two phases (all enqueues, then all
+    status writes), so the tick lag of the last of many schedules due together is not the sum of status
+    writes before it."""
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def bounded(coroutine: Awaitable[T]) -> T:
+        async with gate:
+            return await coroutine
+
+    steps: dict[Key, ScheduleStep] = {}
+    if reconcilers.get("SyncSchedule") is reconcile_schedule:
+        schedules = [(key, body) for key, body in due if key[0] == "SyncSchedule"]
+        advanced = await asyncio.gather(*(bounded(guarded(ctx, key, advance_schedule(ctx, body)))
+                                          for key, body in schedules))
+        steps = {key: step for (key, _), step in zip(schedules, advanced, strict=True) if step is not None}
+        await asyncio.gather(*(bounded(guarded(ctx, key, step.write(ctx))) for key, step in steps.items()))
+
+    async def one(key: Key, body: KubeObject) -> datetime | None:
+        if key in steps:
+            return steps[key].wake_at
+        if key[0] == "SyncSchedule" and reconcilers.get("SyncSchedule") is reconcile_schedule:
+            return ctx.now() + timedelta(seconds=ctx.settings.status_interval)  # its advance failed: retry
+        return await reconcile_one(ctx, key, body, reconcilers)
+
+    return list(await asyncio.gather(*(bounded(one(key, body)) for key, body in due)))
+
+
+async def guarded(ctx: OperatorContext, key: Key, coroutine: Awaitable[T]) -> T | None:
+    """Run one object's step; an error we did not foresee is logged and counted, never fatal to the rest."""
+    kind, namespace, name = key
+    try:
+        return await coroutine
+    except NotLeaderError:
+        raise
+    except Exception:
+        ctx.metrics.count_error(f"reconcile_{kind}")
+        logger.exception("reconciling %s %s/%s failed; retrying", kind, namespace, name)
+        return None
 
 
 async def reconcile_one(ctx: OperatorContext, key: Key, body: KubeObject,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
@@ -103,8 +104,35 @@ async def served_functions(ctx: OperatorContext, queue: str) -> set[str]:
     return {name.decode() for name, stamp in published.items() if float(stamp) >= fresh_after}
 
 
+@dataclass(frozen=True)
+class ScheduleStep:
+    """What one pass over a schedule did (enqueues are done) and what is left to write."""
+
+    body: KubeObject
+    previous: SyncScheduleStatus
+    status: SyncScheduleStatus | None
+    wake_at: datetime | None
+    invalid_message: str | None = None
+
+    async def write(self, ctx: OperatorContext) -> None:
+        if self.status is not None and await write_status(ctx, self.body, self.previous, self.status) \
+                and self.invalid_message:
+            await ctx.post_event(self.body, "InvalidSchedule", self.invalid_message, warning=True)
+
+
 async def reconcile_schedule(ctx: OperatorContext, body: KubeObject) -> datetime | None:
     """Enqueue what is due, record it in status; returns when to look at this schedule again (None: on change)."""
+    step = await advance_schedule(ctx, body)
+    await step.write(ctx)
+    return step.wake_at
+
+
+async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleStep:
+    """Enqueue what is due and compute the new status, without writing it yet.
+
+    The leader advances every due schedule first and writes their statuses after, so a thousand schedules
+    on the same minute are all enqueued before the first status write (the slow part) begins.
+    """
     metadata = body.get("metadata", {})
     namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
     uid, generation = str(metadata.get("uid")), int(metadata.get("generation", 1))
@@ -118,9 +146,7 @@ async def reconcile_schedule(ctx: OperatorContext, body: KubeObject) -> datetime
             "observed_generation": generation, "next_schedule_time": None,
             "conditions": set_condition(previous.conditions, ready(
                 ConditionStatus.FALSE, "InvalidSchedule", message, generation, now))})
-        if await write_status(ctx, body, previous, status):
-            await ctx.post_event(body, "InvalidSchedule", message, warning=True)
-        return None
+        return ScheduleStep(body, previous, status, None, message)
 
     queue = spec.job.queue
     try:
@@ -130,7 +156,7 @@ async def reconcile_schedule(ctx: OperatorContext, body: KubeObject) -> datetime
     except TRANSIENT_ERRORS as error:
         ctx.metrics.count_error("read_redis")
         logger.warning("cannot read Redis for %s/%s: %s", namespace, name, error)
-        return now + RETRY_AFTER_FAILURE
+        return ScheduleStep(body, previous, None, now + RETRY_AFTER_FAILURE)
     runs = update_runs(previous.runs, outcomes, now)
     # A new schedule starts at its creation, as CronJob does; afterwards at the last tick handled.
     since = previous.last_schedule_time or parse_time(metadata.get("creationTimestamp")) or now
@@ -185,13 +211,12 @@ async def reconcile_schedule(ctx: OperatorContext, body: KubeObject) -> datetime
         "next_schedule_time": None if spec.suspend else plan.next_tick,
         "conditions": set_condition(previous.conditions, condition),
     })
-    await write_status(ctx, body, previous, status)
     wake = [plan.next_tick] if not spec.suspend else []
     if active_ids:
         wake.append(now + timedelta(seconds=ctx.settings.status_interval))
     if retry_at:
         wake.append(retry_at)
-    return min(wake) if wake else None
+    return ScheduleStep(body, previous, status, min(wake) if wake else None)
 
 
 async def enqueue_tick(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime,
