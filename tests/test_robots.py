@@ -21,7 +21,7 @@ from kubearq.worker.robots import (
     rules_from_status,
     rules_unreachable,
 )
-from tests.test_fetch import FakeResolver, Reply, Website, fetcher_for
+from tests.websites import FakeResolver, Reply, Website, fetcher_for
 
 ROBOTS = b"""\
 User-agent: kubearq

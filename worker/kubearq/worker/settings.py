@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kubearq.worker.contract import DEFAULT_QUEUE
+from kubearq.worker.contract import DEFAULT_QUEUE, check_http_url
 
 
 def check_redis_url(url: str) -> str:
@@ -38,7 +38,18 @@ class WorkerSettings(BaseSettings):
     redis_tls_insecure: bool = False
     """Skip certificate and host-name verification for `rediss://` (never in production)."""
     database_url: Annotated[str, AfterValidator(check_database_url)] | None = Field(default=None, repr=False)
-    """PostgreSQL for scrape results and sync tables; the built-in scrape jobs need it."""
+    """PostgreSQL for scrape results and sync tables; without it the built-in scrape jobs are not served."""
+    database_connect_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Seconds a starting worker waits for PostgreSQL before giving up (and the pod restarts)."""
+    allow_newer_schema: bool = False
+    """Start even though a newer kubearq migrated the database (for a deliberate rollback of the workers)."""
+    firecrawl_secrets_dir: Path | None = None
+    """Directory of Firecrawl API keys the chart mounts from Secrets: `<namespace>/<secret name>/<key>` is the
+    key a ScrapeRequest in that namespace names in `firecrawl.apiKeySecretRef`."""
+    firecrawl_api_key: SecretStr | None = Field(default=None, repr=False)
+    """One Firecrawl API key for requests of every namespace, sent only to FIRECRAWL_API_URL."""
+    firecrawl_api_url: Annotated[str, AfterValidator(check_http_url)] = "https://api.firecrawl.dev"
+    """The Firecrawl API that FIRECRAWL_API_KEY belongs to."""
     queue: Annotated[str, Field(min_length=1, max_length=128)] = DEFAULT_QUEUE
     """ARQ queue to serve."""
     max_jobs: Annotated[int, Field(ge=1, le=10_000)] = 16
