@@ -611,3 +611,26 @@ async def test_detail_pages_wait_out_a_postgresql_outage_and_lose_nothing(
 
 async def _deferred(run: ScrapeRun) -> bool:
     return (await run.progress()).get("detail_deferred", 0) > 0
+
+
+async def test_delete_scrape_results_removes_only_that_requests_rows(postgres_dsn: str) -> None:
+    from types import SimpleNamespace
+
+    from kubearq.worker.contract import RequestRef as ContractRequestRef
+    from kubearq.worker.contract import ResultsDeletion
+    from kubearq.worker.scrape import CONTEXT_KEY, delete_scrape_results
+    from kubearq.worker.storage import RequestRef as StoredRequestRef
+    from kubearq.worker.storage import Storage
+
+    gone, kept = str(uuid.uuid4()), str(uuid.uuid4())
+    async with Storage(postgres_dsn, connect_timeout=30) as storage:
+        await storage.migrate()
+        for uid in (gone, kept):
+            await storage.store_page_items(StoredRequestRef(uid=uid, namespace="ns", name=uid[:8]),
+                                           "https://example.com/e/1", [{"name": "gig"}], "Event")
+        deletion = ResultsDeletion(request=ContractRequestRef(uid=gone, namespace="ns", name="doomed"))
+        ctx = {CONTEXT_KEY: SimpleNamespace(storage=storage)}
+        result = await delete_scrape_results(ctx, deletion.model_dump(mode="json", by_alias=True))
+        again = await delete_scrape_results(ctx, deletion.model_dump(mode="json", by_alias=True))
+        remaining = (await storage.count_items(uuid.UUID(gone)), await storage.count_items(uuid.UUID(kept)))
+    assert (result, again, remaining) == ({"items": 1, "failures": 0}, {"items": 0, "failures": 0}, (0, 1))

@@ -26,6 +26,7 @@ from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
 from kubearq.operator.resources import GROUP, VERSION
 from kubearq.operator.scheduler import FireHeap
 from kubearq.operator.schedules import ScheduleStep, advance_schedule, reconcile_schedule
+from kubearq.operator.scrapes import scrape_request_reconciler
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import TRANSIENT_ERRORS, create_redis
 from kubearq.worker.observability import ProbeServer
@@ -69,14 +70,7 @@ class ResourceStore:
 
 
 def default_reconcilers() -> dict[str, Reconciler]:
-    from kubearq.operator.scrapes import reconcile_scrape_request
-
-    async def scrape_request(ctx: OperatorContext, body: KubeObject) -> datetime | None:
-        result = await reconcile_scrape_request(ctx, body)
-        wake: datetime | None = result.wake_at
-        return wake
-
-    return {"SyncSchedule": reconcile_schedule, "ScrapeRequest": scrape_request}
+    return {"SyncSchedule": reconcile_schedule, "ScrapeRequest": scrape_request_reconciler()}
 
 
 async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[str, Reconciler]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from arq.worker import func
 
-from kubearq.worker.contract import SCRAPE_DETAIL, SCRAPE_LISTING
+from kubearq.worker.contract import DELETE_SCRAPE_RESULTS, SCRAPE_DETAIL, SCRAPE_LISTING
 from kubearq.worker.firecrawl import FirecrawlClient, FirecrawlKeys
 from kubearq.worker.main import JobSet
 from kubearq.worker.ratelimit import SharedRateLimiter
@@ -21,6 +21,7 @@ from kubearq.worker.scrape import (
     Fetchers,
     NetworkHooks,
     ScrapeResources,
+    delete_scrape_results,
     scrape_detail,
     scrape_listing,
 )
@@ -69,6 +70,7 @@ def builtin_jobs(settings: WorkerSettings, *, hooks: NetworkHooks | None = None)
         functions=[
             func(scrape_listing, name=SCRAPE_LISTING, max_tries=MAX_TRIES, timeout=TIMEOUT_SECONDS),
             func(scrape_detail, name=SCRAPE_DETAIL, max_tries=MAX_TRIES, timeout=TIMEOUT_SECONDS),
+            func(delete_scrape_results, name=DELETE_SCRAPE_RESULTS),
         ],
         on_startup=[start],
         on_shutdown=[stop],

@@ -276,6 +276,19 @@ class PageJob(ApiModel):
     settings: ScrapeSettings
 
 
+DELETE_SCRAPE_RESULTS = "delete_scrape_results"
+
+
+class ResultsDeletion(ApiModel):
+    """The one keyword argument (`deletion`) of `delete_scrape_results`: whose stored results and failures go.
+
+    The operator enqueues it when a ScrapeRequest with `deletionPolicy: Delete` is deleted, and removes
+    its finalizer once the job's result says it succeeded; the job must be idempotent (it may run again).
+    """
+
+    request: RequestRef
+
+
 # --- Wire format -------------------------------------------------------------------------------------
 # Jobs and results are JSON, never pickle: whoever can write to Redis must not be able to run code in a
 # worker (ARQ's default serializer is pickle). The operator reads results with the same codec.

@@ -31,10 +31,15 @@ def log_context(**fields: str) -> Iterator[None]:
         LOG_CONTEXT.reset(token)
 
 
+# A LogRecord's own attributes (`name` is the logger's name) are never overwritten by context fields:
+# those get an `object_` prefix (`name` of a resource becomes `object_name`).
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
 class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in (LOG_CONTEXT.get() or {}).items():
-            setattr(record, key, value)
+            setattr(record, f"object_{key}" if key in _RECORD_ATTRIBUTES else key, value)
         return True
 
 

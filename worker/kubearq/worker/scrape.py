@@ -40,6 +40,7 @@ from kubearq.worker.contract import (
     FetchPolicy,
     PageJob,
     PageKind,
+    ResultsDeletion,
     RetryPolicy,
     failures_key,
     job_id_for_page,
@@ -442,3 +443,13 @@ async def _failed(resources: ScrapeResources, progress: PageProgress, job: PageJ
 
 def _stored(job: PageJob) -> StoredRequest:
     return StoredRequest(uid=uuid.UUID(job.request.uid), namespace=job.request.namespace, name=job.request.name)
+
+
+async def delete_scrape_results(ctx: dict[str, Any], deletion: dict[str, Any]) -> dict[str, object]:
+    """Remove a deleted ScrapeRequest's stored items and failures (`deletionPolicy: Delete`); idempotent."""
+    request = ResultsDeletion.model_validate(deletion).request
+    resources: ScrapeResources = ctx[CONTEXT_KEY]
+    with log_context(namespace=request.namespace, name=request.name):
+        deleted = await resources.storage.delete_request(uuid.UUID(request.uid))
+        logger.info("deleted %d items and %d failures of the request", deleted.items, deleted.failures)
+    return {"items": deleted.items, "failures": deleted.failures}

@@ -1,0 +1,33 @@
+"""One JSON log format for both processes, carrying the context of the work being done."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from kubearq.worker.observability import ContextFilter, configure_logging, log_context
+
+
+def test_log_lines_are_json_with_job_and_object_context() -> None:
+    configure_logging("INFO")
+    stream = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    try:
+        with log_context(job_id="kubearq:tick:u:1", namespace="shop", name="nightly"):
+            logging.getLogger("kubearq.test").info("enqueued")
+    finally:
+        logging.getLogger().handlers.clear()
+    line = json.loads(stream.getvalue())
+    assert (line["message"], line["level"], line["name"]) == ("enqueued", "INFO", "kubearq.test")
+    assert (line["job_id"], line["namespace"], line["object_name"]) == ("kubearq:tick:u:1", "shop", "nightly")
+
+
+def test_context_never_overwrites_the_records_own_fields() -> None:
+    record = logging.LogRecord("logger.name", logging.INFO, "f.py", 1, "m", (), None)
+    with log_context(name="resource", msg="not the message"):
+        ContextFilter().filter(record)
+    assert (record.name, record.msg) == ("logger.name", "m")
+    assert (record.object_name, record.object_msg) == ("resource", "not the message")  # type: ignore[attr-defined]
