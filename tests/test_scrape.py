@@ -236,7 +236,7 @@ def test_without_database_url_the_scrape_jobs_are_not_served(caplog: pytest.LogC
     assert builtin_jobs(WorkerSettings(database_url=None)).functions == []
     assert "DATABASE_URL is not set: not serving the built-in scrape_listing and scrape_detail jobs" in caplog.text
     served = builtin_jobs(WorkerSettings(database_url="postgresql://kubearq@db/kubearq")).functions
-    assert [function.name for function in served] == [SCRAPE_LISTING, SCRAPE_DETAIL]
+    assert [function.name for function in served] == [SCRAPE_LISTING, SCRAPE_DETAIL, "delete_scrape_results"]
 
 
 @pytest.mark.parametrize(("namespace", "name", "key"), [
