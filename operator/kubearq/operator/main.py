@@ -28,6 +28,7 @@ from kubearq.operator.scheduler import FireHeap
 from kubearq.operator.schedules import ScheduleStep, advance_schedule, reconcile_schedule
 from kubearq.operator.scrapes import scrape_request_reconciler
 from kubearq.operator.settings import OperatorSettings
+from kubearq.worker.aio import wait_or_timeout
 from kubearq.worker.connections import TRANSIENT_ERRORS, create_redis
 from kubearq.worker.observability import ProbeServer
 
@@ -96,7 +97,7 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
             continue
         next_time = heap.next_time()
         delay = min(LONGEST_SLEEP, (next_time - ctx.now()) if next_time else LONGEST_SLEEP)
-        await wait_for_change(store.changed, max(0.0, delay.total_seconds()))
+        await wait_or_timeout(store.changed, max(0.0, delay.total_seconds()))
 
 
 async def reconcile_all(ctx: OperatorContext, due: Sequence[tuple[Key, KubeObject]],
@@ -159,20 +160,6 @@ async def reconcile_one(ctx: OperatorContext, key: Key, body: KubeObject,
         ctx.metrics.count_error(f"reconcile_{kind}")
         logger.exception("reconciling %s %s/%s failed; retrying", kind, namespace, name)
     return ctx.now() + timedelta(seconds=ctx.settings.status_interval)
-
-
-async def wait_for_change(changed: asyncio.Event, seconds: float) -> None:
-    """Until the store changes or `seconds` pass, without asyncio.timeout (see worker/runtime.py)."""
-    woken = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    timer = loop.call_later(seconds, woken.set)
-    waiter = loop.create_task(changed.wait())
-    waiter.add_done_callback(lambda _: woken.set())
-    try:
-        await woken.wait()
-    finally:
-        timer.cancel()
-        waiter.cancel()
 
 
 def build_registry(store: ResourceStore, connection: kopf.ConnectionInfo) -> kopf.OperatorRegistry:

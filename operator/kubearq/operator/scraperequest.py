@@ -11,19 +11,12 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from kubearq.operator.conditions import Conditions
 from kubearq.operator.resources import PrinterColumn, ResourceKind
 from kubearq.worker.contract import (
-    DEFAULT_QUEUE,
     MAX_NAME_LENGTH,
     MAX_URL_LENGTH,
     ApiModel,
     Backend,
-    Extraction,
-    FetchPolicy,
-    FirecrawlBackend,
     HttpUrl,
-    JsonLdExtraction,
-    LinkDiscovery,
-    RateLimit,
-    RetryPolicy,
+    ScrapeSettings,
 )
 
 # 300 URLs of at most 2 KiB keep the list under 600 KiB, far below etcd's ~1.5 MB object limit;
@@ -65,7 +58,7 @@ class UrlSource(ApiModel):
     """ConfigMap key holding the listing-page URLs."""
 
 
-class ScrapeRequestSpec(ApiModel):
+class ScrapeRequestSpec(ScrapeSettings):
     """Scrape the listing pages, follow their detail links, store what the detail pages hold."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
@@ -80,22 +73,6 @@ class ScrapeRequestSpec(ApiModel):
     """Listing-page URLs (http or https), at most 300; use `urlsFrom` for longer lists."""
     urls_from: UrlSource | None = None
     """A ConfigMap key with the listing-page URLs, one per line."""
-    links: LinkDiscovery = LinkDiscovery()
-    """How detail links are found on a listing page."""
-    extract: Extraction = Extraction(json_ld=JsonLdExtraction())
-    """What is extracted from each detail page."""
-    backend: Backend = Backend.HTTP
-    """Http (the built-in fetcher) or Firecrawl."""
-    firecrawl: FirecrawlBackend | None = None
-    """Firecrawl settings; required when `backend` is Firecrawl."""
-    rate_limit: RateLimit = RateLimit()
-    """Request budget shared by every worker."""
-    retry: RetryPolicy = RetryPolicy()
-    """Tries, backoff and timeouts per page."""
-    fetch: FetchPolicy = FetchPolicy()
-    """robots.txt, network safety and response limits."""
-    queue: Annotated[str, Field(min_length=1, max_length=128)] = DEFAULT_QUEUE
-    """ARQ queue the scrape jobs go on."""
     deletion_policy: DeletionPolicy = DeletionPolicy.RETAIN
     """Retain the stored results when the resource is deleted, or Delete them."""
 

@@ -214,9 +214,8 @@ def parse_url_list(text: str, where: str) -> list[str]:
 
 
 def build_scrape_settings(spec: ScrapeRequestSpec) -> ScrapeSettings:
-    """The part of the spec every page job carries."""
-    return ScrapeSettings(links=spec.links, extract=spec.extract, backend=spec.backend, firecrawl=spec.firecrawl,
-                          rate_limit=spec.rate_limit, retry=spec.retry, fetch=spec.fetch, queue=spec.queue)
+    """The part of the spec every page job carries (the spec is ScrapeSettings plus where URLs come from)."""
+    return ScrapeSettings.model_validate({name: getattr(spec, name) for name in ScrapeSettings.model_fields})
 
 
 def build_listing_jobs(request: RequestRef, urls: Sequence[str], settings: ScrapeSettings) -> list[NewJob]:

@@ -248,16 +248,28 @@ class FirecrawlBackend(ApiModel):
 
 
 class ScrapeSettings(ApiModel):
-    """Everything a scrape job needs from its ScrapeRequest's spec, passed along with every job."""
+    """Everything a scrape job needs from its ScrapeRequest's spec, passed along with every job.
+
+    The ScrapeRequest's spec is this model plus where the URLs come from (see the operator's
+    scraperequest.py), so the resource's fields and the job's argument cannot drift apart.
+    """
 
     links: LinkDiscovery = LinkDiscovery()
+    """How detail links are found on a listing page."""
     extract: Extraction = Extraction(json_ld=JsonLdExtraction())
+    """What is extracted from each detail page."""
     backend: Backend = Backend.HTTP
+    """Http (the built-in fetcher) or Firecrawl."""
     firecrawl: FirecrawlBackend | None = None
+    """Firecrawl settings; required when `backend` is Firecrawl."""
     rate_limit: RateLimit = RateLimit()
+    """Request budget shared by every worker."""
     retry: RetryPolicy = RetryPolicy()
+    """Tries, backoff and timeouts per page."""
     fetch: FetchPolicy = FetchPolicy()
+    """robots.txt, network safety and response limits."""
     queue: Annotated[str, Field(min_length=1, max_length=128)] = DEFAULT_QUEUE
+    """ARQ queue the scrape jobs go on."""
 
 
 class RequestRef(ApiModel):

@@ -13,10 +13,11 @@ from typing import Any, cast
 from arq.typing import StartupShutdown
 from arq.worker import Function, func
 
+from kubearq.worker.aio import stop_task
 from kubearq.worker.connections import create_redis
 from kubearq.worker.metrics import WorkerMetrics
 from kubearq.worker.observability import ProbeServer
-from kubearq.worker.runtime import KubearqWorker, stop_task
+from kubearq.worker.runtime import KubearqWorker
 from kubearq.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)

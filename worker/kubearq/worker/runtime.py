@@ -29,6 +29,7 @@ from arq.jobs import Job
 from arq.typing import StartupShutdown
 from arq.worker import Function, Retry, Worker
 
+from kubearq.worker.aio import stop_task, wait_or_timeout
 from kubearq.worker.connections import TRANSIENT_ERRORS
 from kubearq.worker.contract import deserialize, function_registry_key, serialize
 from kubearq.worker.metrics import WorkerMetrics
@@ -73,32 +74,6 @@ class Backoff:
 def per_try_timeout(base: float, job_try: int) -> float:
     """Each retry gets twice the time of the try before, up to four times the base."""
     return base * min(4, 1 << min(2, max(0, job_try - 1)))
-
-
-async def wait_or_timeout(event: asyncio.Event, seconds: float) -> None:
-    """Wait until `event` is set or `seconds` pass, without cancelling anything.
-
-    A timer that sets a private event replaces asyncio.timeout/wait_for here: on Python 3.11 both can
-    swallow a cancellation that arrives as they time out (gh-86296), and shutdown then hangs.
-    """
-    woken = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    timer = loop.call_later(seconds, woken.set)
-    waiter = loop.create_task(event.wait())
-    waiter.add_done_callback(lambda _: woken.set())
-    try:
-        await woken.wait()
-    finally:
-        timer.cancel()
-        waiter.cancel()
-
-
-async def stop_task(task: asyncio.Task[Any], seconds: float, what: str) -> None:
-    """Cancel `task` and wait at most `seconds` for it (asyncio.wait neither cancels nor swallows)."""
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=seconds)
-    if not done:
-        logger.error("%s did not stop within %.0fs after cancellation; leaving it", what, seconds)
 
 
 async def refund_try(redis: ArqRedis, job_id: str) -> None:
