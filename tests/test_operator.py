@@ -129,6 +129,10 @@ async def test_two_replicas_elect_one_leader_which_enqueues_each_tick_once_acros
         assert status["activeCount"] == 1
         async with httpx.AsyncClient() as client:
             metrics = (await client.get(f"http://127.0.0.1:{running[leader].port}/metrics")).text
+            other = "beta" if leader == "alpha" else "alpha"
+            ready = await client.get(f"http://127.0.0.1:{running[leader].port}/readyz")
+            standby_ready = await client.get(f"http://127.0.0.1:{running[other].port}/readyz")
+        assert (ready.status_code, standby_ready.status_code) == (200, 200)  # standbys are ready too
         assert "kubearq_leader 1.0" in metrics
         assert 'kubearq_enqueued_jobs_total{queue="arq:queue",source="schedule"} 1.0' in metrics
 

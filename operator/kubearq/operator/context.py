@@ -39,6 +39,8 @@ class OperatorContext:
     ensure_leader: Callable[[], None]
     """Raises unless this replica leads right now: called right before every write."""
     now: Callable[[], datetime.datetime] = field(default=utc_now)
+    served_cache: dict[str, tuple[float, set[str]]] = field(default_factory=dict)
+    """Functions served per queue, with when they were read (see schedules.served_functions)."""
 
     async def post_event(self, obj: KubeObject, reason: str, message: str, *, warning: bool = False) -> None:
         """A Kubernetes Event on the resource (what `kubectl describe` shows)."""

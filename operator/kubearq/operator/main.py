@@ -226,7 +226,13 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     async def refresher_alive() -> bool:
         return refresher.alive
 
-    probes = ProbeServer(metrics.registry, ready_checks={"redis": redis_answers},
+    watching_ready = ready if ready is not None else asyncio.Event()
+
+    async def api_watched() -> bool:
+        return watching_ready.is_set()  # kopf sets it once it has logged in and started watching
+
+    # Ready means connected to Redis and the API; leadership is not required (standbys are ready too).
+    probes = ProbeServer(metrics.registry, ready_checks={"redis": redis_answers, "kubernetes-api": api_watched},
                          live_checks={"queue-metrics": refresher_alive})
     await probes.start(settings.http_host, settings.http_port)
     refresher.start()
@@ -236,7 +242,8 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     namespaces: Iterable[str] = [settings.namespace] if settings.namespace else []
     watching = asyncio.create_task(kopf.operator(
         registry=build_registry(store, connection), settings=kopf_settings(), standalone=True,
-        clusterwide=not settings.namespace, namespaces=list(namespaces), stop_flag=kopf_stop, ready_flag=ready,
+        clusterwide=not settings.namespace, namespaces=list(namespaces), stop_flag=kopf_stop,
+        ready_flag=watching_ready,
     ), name="kubearq-kopf")
     try:
         await stop.wait()

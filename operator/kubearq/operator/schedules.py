@@ -99,9 +99,16 @@ def keep_history(runs: Sequence[ScheduleRun], successful: int, failed: int) -> l
 
 
 async def served_functions(ctx: OperatorContext, queue: str) -> set[str]:
+    """Functions workers published on `queue` recently; read at most once a second per queue (many
+    schedules due on the same minute share one read)."""
+    cached = ctx.served_cache.get(queue)
+    if cached is not None and time.monotonic() - cached[0] < 1.0:
+        return cached[1]
     published = cast(dict[bytes, bytes], await ctx.redis.hgetall(function_registry_key(queue)))  # type: ignore[misc]
     fresh_after = time.time() - ctx.settings.function_freshness_seconds
-    return {name.decode() for name, stamp in published.items() if float(stamp) >= fresh_after}
+    served = {name.decode() for name, stamp in published.items() if float(stamp) >= fresh_after}
+    ctx.served_cache[queue] = (time.monotonic(), served)
+    return served
 
 
 @dataclass(frozen=True)
@@ -150,8 +157,8 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleSt
 
     queue = spec.job.queue
     try:
-        outcomes = await job_outcomes(ctx.redis, queue, [run.job_id for run in previous.runs
-                                                         if run.outcome not in FINISHED])
+        pending = [run.job_id for run in previous.runs if run.outcome not in FINISHED]
+        outcomes = await job_outcomes(ctx.redis, queue, pending) if pending else {}
         served = await served_functions(ctx, queue)
     except TRANSIENT_ERRORS as error:
         ctx.metrics.count_error("read_redis")
