@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
+from kubearq.operator.batching import EnqueueBatcher
 from kubearq.operator.kube import EVENTS, KubeApi, KubeObject, Resource
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.resources import GROUP, VERSION
@@ -40,6 +41,12 @@ class OperatorContext:
     """Raises unless this replica leads right now: called right before every write."""
     now: Callable[[], datetime.datetime] = field(default=utc_now)
     served_cache: dict[str, tuple[float, set[str]]] = field(default_factory=dict)
+    spec_cache: dict[tuple[str, int], object] = field(default_factory=dict)
+    """Validated specs by (uid, generation)."""
+    enqueuer: EnqueueBatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.enqueuer = EnqueueBatcher(self.redis)
     """Functions served per queue, with when they were read (see schedules.served_functions)."""
 
     async def post_event(self, obj: KubeObject, reason: str, message: str, *, warning: bool = False) -> None:

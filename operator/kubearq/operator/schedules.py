@@ -38,7 +38,7 @@ from kubearq.operator.syncschedule import (
 )
 from kubearq.worker.connections import TRANSIENT_ERRORS
 from kubearq.worker.contract import function_registry_key
-from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, enqueue_many, job_outcomes, remove_queued
+from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, job_outcomes, remove_queued
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,18 @@ def keep_history(runs: Sequence[ScheduleRun], successful: int, failed: int) -> l
     return kept
 
 
+def parsed_spec(ctx: OperatorContext, uid: str, generation: int, raw: object) -> SyncScheduleSpec:
+    """The validated spec, parsed once per generation (only a spec change moves the generation)."""
+    key = (uid, generation)
+    spec = ctx.spec_cache.get(key)
+    if not isinstance(spec, SyncScheduleSpec):
+        spec = SyncScheduleSpec.model_validate(raw)
+        if len(ctx.spec_cache) > 100_000:
+            ctx.spec_cache.clear()
+        ctx.spec_cache[key] = spec
+    return spec
+
+
 async def served_functions(ctx: OperatorContext, queue: str) -> set[str]:
     """Functions workers published on `queue` recently; read at most once a second per queue (many
     schedules due on the same minute share one read)."""
@@ -146,7 +158,7 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleSt
     now = ctx.now()
     previous = SyncScheduleStatus.model_validate(body.get("status") or {})
     try:
-        spec = SyncScheduleSpec.model_validate(body.get("spec"))
+        spec = parsed_spec(ctx, uid, generation, body.get("spec"))
     except ValidationError as error:
         message = describe_validation_error(error)
         status = previous.model_copy(update={
@@ -236,8 +248,7 @@ async def enqueue_tick(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, t
     remember = tick_memory_ms(max(ctx.settings.tick_memory_seconds, spec.job.keep_result_seconds or 0),
                               LEASE_DURATION_SECONDS, spec.starting_deadline_seconds)
     ctx.ensure_leader()  # the fence: a replica that lost the Lease writes nothing
-    added = await enqueue_many(ctx.redis, spec.job.queue, [job], remember_ms=remember)
-    if added:
+    if await ctx.enqueuer.enqueue(spec.job.queue, job, remember_ms=remember):
         ctx.metrics.count_enqueued("schedule", spec.job.queue)
         ctx.metrics.observe_tick_lag((now - tick).total_seconds())
         logger.info("enqueued %s for the tick of %s", job_id, rfc3339(tick))
