@@ -45,7 +45,9 @@ from kubearq.worker.contract import (
     ResultsDeletion,
     ScrapeSettings,
     check_http_url,
+    deferred_key,
     failures_key,
+    finished_key,
     job_id_for_page,
     progress_key,
     request_jobs_key,
@@ -608,7 +610,8 @@ async def _clean_up(ctx: OperatorContext, body: KubeObject, obj: ScrapeObject, p
             # A listing page may still enqueue detail pages before it stops: the next pass removes them.
             return ReconcileResult(Outcome.CLEANING_UP, wake_at=_after(ctx, CLEANUP_POLL_SECONDS))
     ctx.ensure_leader()
-    await ctx.redis.delete(progress_key(obj.uid), failures_key(obj.uid), request_jobs_key(obj.uid))
+    await ctx.redis.delete(progress_key(obj.uid), failures_key(obj.uid), request_jobs_key(obj.uid),
+                           finished_key(obj.uid), deferred_key(obj.uid))
     if policy == DeletionPolicy.DELETE:
         waiting = await _delete_results(ctx, body, obj, queue)
         if waiting is not None:

@@ -359,6 +359,16 @@ def failures_key(request_uid: str) -> str:
     return f"kubearq:failures:{request_uid}"
 
 
+def finished_key(request_uid: str) -> str:
+    """Hash job id → outcome (`done`/`failed`) of every page counted, so a re-run counts nothing twice."""
+    return f"kubearq:finished:{request_uid}"
+
+
+def deferred_key(request_uid: str) -> str:
+    """Set of the job ids counted in `<kind>_deferred` right now."""
+    return f"kubearq:deferred:{request_uid}"
+
+
 def request_jobs_key(request_uid: str) -> str:
     """Set of every job id enqueued for one ScrapeRequest (what deleting it aborts)."""
     return f"kubearq:jobs:{request_uid}"

@@ -42,7 +42,9 @@ from kubearq.worker.contract import (
     PageKind,
     ResultsDeletion,
     RetryPolicy,
+    deferred_key,
     failures_key,
+    finished_key,
     job_id_for_page,
     progress_key,
     request_jobs_key,
@@ -82,16 +84,6 @@ RETRY_AFTER_DEFAULT = 5.0
 """Seconds to wait on a Firecrawl 429 that names no Retry-After."""
 
 Outcome = Literal["done", "failed"]
-
-
-def finished_key(request_uid: str) -> str:
-    """Hash job id → outcome (`done`/`failed`) of every page counted, so a re-run counts nothing twice."""
-    return f"kubearq:finished:{request_uid}"
-
-
-def deferred_key(request_uid: str) -> str:
-    """Set of the job ids counted in `<kind>_deferred` right now."""
-    return f"kubearq:deferred:{request_uid}"
 
 
 def outages_key(job_id: str) -> str:
