@@ -577,6 +577,9 @@ async def _true(value: bool) -> bool:
     return value
 
 
+POSTGRES_OUTAGE_SECONDS = 20  # the outage: jobs must neither give up nor spend their tries meanwhile
+
+
 async def test_detail_pages_wait_out_a_postgresql_outage_and_lose_nothing(
     redis: ArqRedis, redis_url: str, postgres_private: PostgresServer, site: Website,
 ) -> None:
@@ -585,20 +588,20 @@ async def test_detail_pages_wait_out_a_postgresql_outage_and_lose_nothing(
         site.routes[f"/events/{number}"] = Reply(body=event_page(number))
     run = ScrapeRun(redis)
     async with scrape_worker(redis_url, postgres_private.dsn(), site, retry_backoff=0.2,
-                             retry_backoff_max=0.5) as service:
+                             retry_backoff_max=2.0) as service:
         await until(lambda: _true(CONTEXT_KEY in service.worker.ctx), what="the worker's start (migrations)")
         await asyncio.to_thread(postgres_private.stop)
 
         async def restart_later() -> None:
-            await asyncio.sleep(3)  # the outage's length, an action: not a wait for a condition
+            await asyncio.sleep(POSTGRES_OUTAGE_SECONDS)  # the outage's length: an action, not a wait
             await asyncio.to_thread(postgres_private.start)
 
         restart = asyncio.create_task(restart_later())
         await run.start(site.url("/list", "127.0.0.1"))
         await until(lambda: _deferred(run), what="a detail page deferred by the outage")
         assert not restart.done()
-        assert await run.finished(within=30) == {"listing_total": 1, "listing_done": 1, "detail_total": 3,
-                                                 "detail_done": 3}
+        assert await run.finished(within=POSTGRES_OUTAGE_SECONDS + 30) == {
+            "listing_total": 1, "listing_done": 1, "detail_total": 3, "detail_done": 3}
         await restart
     connection = await asyncpg.connect(postgres_private.dsn())
     try:
