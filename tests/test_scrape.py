@@ -61,7 +61,7 @@ from kubearq.worker.queueing import NewJob, Tally, enqueue_many
 from kubearq.worker.scrape import CONTEXT_KEY, NetworkHooks, is_final, retry_delay, try_timeout
 from kubearq.worker.settings import WorkerSettings
 from tests.crd_rules import REPO
-from tests.services import PostgresServer, free_port
+from tests.services import PostgresServer, RedisServer, free_port
 from tests.websites import Reply, Website
 
 FAST = {"poll_delay": 0.01, "retry_backoff": 0.05, "retry_backoff_max": 0.2, "heartbeat_interval": 0.5,
@@ -637,3 +637,39 @@ async def test_delete_scrape_results_removes_only_that_requests_rows(postgres_ds
         again = await delete_scrape_results(ctx, deletion.model_dump(mode="json", by_alias=True))
         remaining = (await storage.count_items(uuid.UUID(gone)), await storage.count_items(uuid.UUID(kept)))
     assert (result, again, remaining) == ({"items": 1, "failures": 0}, {"items": 0, "failures": 0}, (0, 1))
+
+
+async def test_a_redis_restart_mid_run_with_aof_loses_no_page(
+    redis_private: RedisServer, postgres_dsn: str, site: Website,
+) -> None:
+    redis_private.restart(aof=True)
+    held = asyncio.Event()
+    site.routes["/list"] = Reply(body=listing_page(*(f"/events/{number}" for number in range(1, 7))))
+    for number in range(1, 7):
+        site.routes[f"/events/{number}"] = Reply(body=event_page(number), hold=held if number > 3 else None)
+    client = create_redis(redis_private.url)
+    run = ScrapeRun(client)
+    try:
+        async with scrape_worker(redis_private.url, postgres_dsn, site) as service:
+            await until(lambda: _true(CONTEXT_KEY in service.worker.ctx), what="the worker's start (migrations)")
+            await run.start(site.url("/list", "127.0.0.1"))
+            await until(lambda: _progress_at_least(run, "detail_done", 3), what="the first three pages")
+            redis_private.kill()  # pages 4-6 are being fetched right now
+            await until(lambda: _true(not service.worker.redis_available), what="the outage noticed")
+            redis_private.restart(aof=True)
+            held.set()
+            counts = await run.finished(within=60)
+        assert (counts["detail_total"], counts["detail_done"], counts.get("detail_failed", 0)) == (6, 6, 0)
+        connection = await asyncpg.connect(postgres_dsn)
+        try:
+            stored = await connection.fetchval(
+                "SELECT count(DISTINCT url) FROM scrape_items WHERE request_uid = $1", uuid.UUID(run.uid))
+        finally:
+            await connection.close()
+        assert stored == 6
+    finally:
+        await client.aclose()
+
+
+async def _progress_at_least(run: ScrapeRun, field_name: str, count: int) -> bool:
+    return (await run.progress()).get(field_name, 0) >= count
