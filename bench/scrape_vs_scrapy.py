@@ -1,0 +1,188 @@
+"""Scrape pages/s: kubearq's pipeline against Scrapy crawling the same local site at the same concurrency.
+
+    .venv/bin/pip install -e '.[bench]'   # Scrapy is a benchmark-only dependency
+    .venv/bin/python -m bench.scrape_vs_scrapy [--listings 10] [--details 50] [--concurrency 16]
+
+A local site (this process, a thread of its own) serves listing pages linking to detail pages with a
+schema.org Event each. kubearq: one worker process-worth of jobs (`WorkerService` with the built-in
+jobs, max_jobs = concurrency, rate limit out of the way) into a private PostgreSQL and Redis. Scrapy: a
+spider following the same links and parsing the same JSON-LD, CONCURRENT_REQUESTS = concurrency, in a
+subprocess. Prints pages/s for both and the ratio (issue target: kubearq >= 1x Scrapy). kubearq does more
+per page (safety checks, robots.txt, a shared rate limit, retries, one PostgreSQL upsert per page); Scrapy
+keeps items in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from ipaddress import ip_address
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aiohttp import web
+
+from kubearq.worker.builtins import builtin_jobs
+from kubearq.worker.connections import create_redis
+from kubearq.worker.contract import (
+    SCRAPE_LISTING,
+    FetchPolicy,
+    PageJob,
+    RateLimit,
+    RequestRef,
+    RetryPolicy,
+    ScrapeSettings,
+    job_id_for_page,
+    progress_key,
+    request_jobs_key,
+)
+from kubearq.worker.main import WorkerService
+from kubearq.worker.queueing import NewJob, Tally, enqueue_many
+from kubearq.worker.scrape import NetworkHooks
+from kubearq.worker.settings import WorkerSettings
+from tests.services import PostgresServer, RedisServer, free_port
+
+
+def serve_site(port: int, listings: int, details: int) -> threading.Event:
+    """The local website, in a thread with its own loop (so it does not share the scrapers' loop)."""
+    stop = threading.Event()
+
+    async def listing(request: web.Request) -> web.Response:
+        page = int(request.match_info["page"])
+        links = "".join(f'<a class="event" href="/events/{page}-{n}">event {n}</a>' for n in range(details))
+        return web.Response(text=f"<html><body>{links}</body></html>", content_type="text/html")
+
+    async def detail(request: web.Request) -> web.Response:
+        event = {"@context": "https://schema.org", "@type": "MusicEvent", "name": request.match_info["id"],
+                 "startDate": "2026-06-01T20:00"}
+        script = f'<script type="application/ld+json">{json.dumps(event)}</script>'
+        body = f"<html><head>{script}</head><body>x</body></html>"
+        return web.Response(text=body, content_type="text/html")
+
+    async def robots(_: web.Request) -> web.Response:
+        return web.Response(text="User-agent: *\nAllow: /\n")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/list/{page}", listing)
+        app.router.add_get("/events/{id}", detail)
+        app.router.add_get("/robots.txt", robots)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await runner.cleanup()
+
+    threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
+    return stop
+
+
+async def run_kubearq(site: str, port: int, listings: int, concurrency: int, redis_url: str, dsn: str) -> float:
+    settings = WorkerSettings(redis_url=redis_url, database_url=dsn, max_jobs=concurrency, http_port=0,
+                              http_host="127.0.0.1", log_level="WARNING")
+    # The site is on loopback, which kubearq refuses: allow exactly its address and port (the tests' hook).
+    hooks = NetworkHooks(extra_allowed=frozenset({(ip_address("127.0.0.1"), port)}))
+    service = WorkerService(settings, builtin_jobs(settings, hooks=hooks))
+    redis = create_redis(redis_url)
+    await redis.flushall()
+    scrape = ScrapeSettings(rate_limit=RateLimit(requests_per_minute=100_000, burst=10_000),
+                            retry=RetryPolicy(max_tries=2), fetch=FetchPolicy())
+    request = RequestRef(uid="00000000-0000-4000-8000-000000000001", namespace="bench", name="bench")
+    urls = [f"{site}/list/{page}" for page in range(listings)]
+    jobs = [NewJob(job_id_for_page(request.uid, url), SCRAPE_LISTING,
+                   {"page": PageJob(request=request, url=url, settings=scrape).model_dump(mode="json", by_alias=True)})
+            for url in urls]
+    await service.start()
+    while "kubearq_scrape" not in service.worker.ctx:  # migrations done
+        await asyncio.sleep(0.05)
+    started = time.perf_counter()
+    await enqueue_many(redis, "arq:queue", jobs,
+                       tally=Tally(progress_key(request.uid), "listing_total", request_jobs_key(request.uid)))
+    while True:
+        raw: dict[bytes, bytes] = await redis.hgetall(progress_key(request.uid))  # type: ignore[misc]
+        counts = {key.decode(): int(value) for key, value in raw.items()}
+        total = counts.get("listing_total", 0) + counts.get("detail_total", 0)
+        finished = sum(counts.get(f"{kind}_{state}", 0)
+                       for kind in ("listing", "detail") for state in ("done", "failed"))
+        if total and finished == total and counts.get("listing_done", 0) == listings:
+            break
+        await asyncio.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    await service.stop()
+    await redis.aclose()
+    return total / elapsed
+
+
+SPIDER = textwrap.dedent('''
+    import json, sys, time
+    import scrapy
+    from scrapy.crawler import CrawlerProcess
+
+    site, listings, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+    class Events(scrapy.Spider):
+        name = "events"
+        start_urls = [f"{site}/list/{page}" for page in range(listings)]
+        def parse(self, response):
+            for href in response.css("a.event::attr(href)").getall():
+                yield response.follow(href, self.parse_event)
+        def parse_event(self, response):
+            for block in response.css('script[type="application/ld+json"]::text').getall():
+                yield json.loads(block)
+
+    process = CrawlerProcess(settings={
+        "CONCURRENT_REQUESTS": concurrency, "CONCURRENT_REQUESTS_PER_DOMAIN": concurrency,
+        "ROBOTSTXT_OBEY": True, "LOG_ENABLED": False, "TELNETCONSOLE_ENABLED": False,
+        "DOWNLOAD_DELAY": 0, "AUTOTHROTTLE_ENABLED": False})
+    crawler = process.create_crawler(Events)
+    started = time.perf_counter()
+    process.crawl(crawler)
+    process.start()
+    elapsed = time.perf_counter() - started
+    pages = crawler.stats.get_value("response_received_count", 0) - 1  # robots.txt is not a page
+    print(json.dumps({"pages": pages, "seconds": elapsed}))
+''')
+
+
+def run_scrapy(site: str, listings: int, concurrency: int) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        script.write(SPIDER)
+    output = subprocess.run([sys.executable, script.name, site, str(listings), str(concurrency)],
+                            capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    return float(result["pages"]) / float(result["seconds"])
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listings", type=int, default=10)
+    parser.add_argument("--details", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    port = free_port()
+    stop = serve_site(port, args.listings, args.details)
+    site = f"http://127.0.0.1:{port}"
+    try:
+        with RedisServer() as redis_server, PostgresServer() as postgres:
+            dsn = postgres.create_database("bench")
+            ours = await run_kubearq(site, port, args.listings, args.concurrency, redis_server.url, dsn)
+        theirs = run_scrapy(site, args.listings, args.concurrency)
+    finally:
+        stop.set()
+    pages = args.listings * (1 + args.details)
+    print(f"site: {args.listings} listing + {args.listings * args.details} detail pages = {pages}, "
+          f"concurrency {args.concurrency}")
+    print(f"kubearq {ours:7.1f} pages/s   scrapy {theirs:7.1f} pages/s   ratio {ours / theirs:.2f} (target >= 1)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
