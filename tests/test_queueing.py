@@ -10,7 +10,8 @@ from arq.connections import ArqRedis
 
 from kubearq.worker.connections import create_redis
 from kubearq.worker.queueing import JobState, NewJob, Tally, abort_jobs, enqueue_many, job_outcomes, remove_queued
-from tests.test_runtime import running_worker, until
+from tests.polling import until
+from tests.test_runtime import running_worker
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,19 +24,11 @@ from kubearq.worker.main import JobSet, WorkerService, load_user_jobs
 from kubearq.worker.runtime import DEAD_LETTER_PREFIX
 from kubearq.worker.settings import WorkerSettings
 from tests.crd_rules import REPO
+from tests.polling import until
 from tests.services import RedisServer, free_port
 
 FAST = {"poll_delay": 0.01, "retry_backoff": 0.02, "retry_backoff_max": 0.05, "heartbeat_interval": 0.5,
         "in_progress_ttl": 2.0, "http_port": 0, "http_host": "127.0.0.1", "health_check_interval": 1.0}
-
-
-async def until(probe: Callable[[], Awaitable[bool]], within: float = 10.0, what: str = "condition") -> None:
-    """Poll until `probe()` holds; fail after `within` seconds."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not await probe():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} did not happen within {within}s")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

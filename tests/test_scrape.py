@@ -8,6 +8,7 @@ The sites listen on 127.0.0.1; the worker admits exactly their address and port 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -60,6 +61,7 @@ from kubearq.worker.netsafety import IPAddress
 from kubearq.worker.queueing import NewJob, Tally, enqueue_many
 from kubearq.worker.scrape import CONTEXT_KEY, NetworkHooks, is_final, retry_delay, try_timeout
 from kubearq.worker.settings import WorkerSettings
+from tests import polling
 from tests.crd_rules import REPO
 from tests.services import PostgresServer, RedisServer, free_port
 from tests.websites import Reply, Website
@@ -75,14 +77,8 @@ HINT = "set fetch.allowPrivateNetworks: true to allow it"
 
 # --- Helpers ---------------------------------------------------------------------------------------------------
 
-
-async def until(probe: Callable[[], Awaitable[bool]], within: float = 15.0, what: str = "condition") -> None:
-    """Poll until `probe()` holds; fail after `within` seconds."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not await probe():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} did not happen within {within}s")
-        await asyncio.sleep(0.02)
+# Scrape runs start a worker that migrates PostgreSQL first: give every wait a little more time.
+until = functools.partial(polling.until, within=15.0)
 
 
 def event_page(number: int) -> bytes:
