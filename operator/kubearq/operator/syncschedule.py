@@ -90,7 +90,8 @@ class JobTemplate(ApiModel):
     max_tries: Annotated[int, Field(ge=1, le=100)] | None = None
     """Tries before the job fails for good; the worker's default when unset."""
     keep_result_seconds: Annotated[int, Field(ge=0, le=30 * 86_400)] | None = None
-    """How long ARQ keeps the result; raised to the operator's floor so a duplicate tick stays refused."""
+    """How long a tick's job id stays refused after its enqueue (at least the operator's floor: lease duration
+    plus catch-up window); how long ARQ keeps the result itself is the worker's KEEP_RESULT."""
 
     @model_validator(mode="after")
     def _arguments_fit(self) -> Self:
