@@ -46,3 +46,14 @@ def test_commands_not_built_yet_say_so_and_fail(capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().err == (
         "kubearq demo: not built yet — the demo arrives in the next phase, with the Helm chart\n"
     )
+
+
+def test_operator_without_credentials_says_where_it_looked() -> None:
+    console_script = Path(sys.executable).parent / "kubearq"
+    env = {"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent/kubeconfig", "HOME": "/nonexistent"}
+    result = subprocess.run([str(console_script), "operator"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "kubearq operator: cannot read Kubernetes credentials (FileNotFoundError: [Errno 2] No such file or "
+        "directory: '/nonexistent/kubeconfig'); in a pod the service account is used, elsewhere KUBECONFIG "
+        "or ~/.kube/config\n")

@@ -92,17 +92,21 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_operator() -> int:
-    from kubearq.operator.main import run
+    from kubearq.operator.main import NoKubernetesCredentials, default_connection, run
     from kubearq.operator.settings import OperatorSettings
     from kubearq.worker.observability import configure_logging
 
     try:
         settings = OperatorSettings()
+        connection = default_connection()
     except ValidationError as error:
         print(f"kubearq operator: {describe_validation_error(error, prefix='settings')}", file=sys.stderr)
         return 2
+    except NoKubernetesCredentials as error:
+        print(f"kubearq operator: {error}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
-    run(settings)
+    run(settings, connection)
     return 0
 
 

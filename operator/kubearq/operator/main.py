@@ -192,12 +192,23 @@ def kopf_settings() -> kopf.OperatorSettings:
     return settings
 
 
+class NoKubernetesCredentials(Exception):  # noqa: N818 - a user-facing condition, named as the user sees it
+    """Neither a service account nor a usable kubeconfig."""
+
+
 def default_connection() -> kopf.ConnectionInfo:
     """In a pod, the service account; elsewhere, the kubeconfig (KUBECONFIG or ~/.kube/config)."""
     settings = kopf.OperatorSettings()
-    connection = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    try:
+        connection = (kopf.login_with_service_account(settings=settings)
+                      or kopf.login_with_kubeconfig(settings=settings))
+    except (OSError, ValueError, KeyError, kopf.LoginError) as error:
+        raise NoKubernetesCredentials(
+            f"cannot read Kubernetes credentials ({type(error).__name__}: {error}); in a pod the service "
+            "account is used, elsewhere KUBECONFIG or ~/.kube/config") from None
     if connection is None:
-        raise kopf.LoginError("no service account and no kubeconfig: cannot reach the Kubernetes API")
+        raise NoKubernetesCredentials(
+            "no service account and no kubeconfig: run in a pod, or set KUBECONFIG (or ~/.kube/config)")
     return connection
 
 
@@ -259,7 +270,7 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         await redis.aclose()
 
 
-def run(settings: OperatorSettings) -> None:
+def run(settings: OperatorSettings, connection: kopf.ConnectionInfo) -> None:
     """Process entry point: SIGTERM/SIGINT release the Lease and stop."""
 
     async def main() -> None:
@@ -267,6 +278,6 @@ def run(settings: OperatorSettings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_operator(settings, default_connection(), stop=stop)
+        await run_operator(settings, connection, stop=stop)
 
     asyncio.run(main())
