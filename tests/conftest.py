@@ -1,9 +1,11 @@
 """Fixtures for real services (Redis, PostgreSQL) and the Kubernetes API emulator; helpers beside it."""
 
 import asyncio
+import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import asyncpg
 import pytest
 import redis
 
@@ -72,3 +74,12 @@ def _no_implicit_event_loop() -> None:
     Once a loop has been set explicitly (even to None) the policy raises instead, which looptime handles.
     """
     asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+async def db(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test's database, for arranging and asserting on rows."""
+    connection = await asyncpg.connect(postgres_dsn)
+    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    yield connection
+    await connection.close()

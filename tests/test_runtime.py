@@ -8,8 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -214,13 +214,21 @@ async def test_redis_restart_mid_run_loses_no_job(redis_private: RedisServer) ->
         await client.aclose()
 
 
-def _worker_process(redis_url: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """`kubearq worker` as a real process (its log in a file: an unread pipe would block it when full)."""
+@contextmanager
+def worker_process(redis_url: str, log: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`kubearq worker` as a real process (its log in a file: an unread pipe would block it when full),
+    killed on leaving the block if the test did not end it."""
     env = {**os.environ, "REDIS_URL": redis_url, "HTTP_PORT": str(free_port()), "HTTP_HOST": "127.0.0.1",
            "HEARTBEAT_INTERVAL": "1", "IN_PROGRESS_TTL": "3", "POLL_DELAY": "0.01", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "kubearq.cli", "worker", "--settings", "tests.worker_jobs:WorkerSettings", *extra]
     with log.open("wb") as sink:
-        return subprocess.Popen(command, env=env, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
 
 
 async def test_a_killed_workers_job_runs_again_within_the_in_progress_ttl(
@@ -228,15 +236,10 @@ async def test_a_killed_workers_job_runs_again_within_the_in_progress_ttl(
 ) -> None:
     job = await redis.enqueue_job("sleep_then_record", 2.0, _job_id="orphan")
     assert job is not None
-    doomed = _worker_process(redis_url, tmp_path / "worker.log")
-    try:
+    with worker_process(redis_url, tmp_path / "worker.log") as doomed:
         await until(lambda: _has_event(redis, "started"), within=30, what="job start in the subprocess")
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(timeout=10)
-    finally:
-        if doomed.poll() is None:
-            doomed.kill()
-            doomed.wait(timeout=10)
     killed_at = asyncio.get_running_loop().time()
     async with running_worker(redis_url):
         await until(lambda: _has_event(redis, "started", count=2), within=10, what="re-run of the orphan")
@@ -250,15 +253,10 @@ async def test_sigterm_to_the_worker_process_drains_and_exits_cleanly(
 ) -> None:
     job = await redis.enqueue_job("sleep_then_record", 0.5, _job_id="graceful")
     assert job is not None
-    process = _worker_process(redis_url, tmp_path / "worker.log")
-    try:
+    with worker_process(redis_url, tmp_path / "worker.log") as process:
         await until(lambda: _has_event(redis, "started"), within=30, what="job start in the subprocess")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, (tmp_path / "worker.log").read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
     assert (await _result_info(job)).result == "slept"
 
 

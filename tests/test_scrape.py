@@ -157,14 +157,6 @@ async def redis(redis_url: str) -> AsyncIterator[ArqRedis]:
 
 
 @pytest.fixture
-async def db(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(postgres_dsn)
-    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
 async def site() -> AsyncIterator[Website]:
     async with Website() as website:
         yield website

@@ -43,15 +43,6 @@ def server_of(dsn: str) -> str:
 
 
 @pytest.fixture
-async def db(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection for arranging and asserting on rows, beside the Storage under test."""
-    connection = await asyncpg.connect(postgres_dsn)
-    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
 async def storage(postgres_dsn: str) -> AsyncIterator[Storage]:
     async with Storage(postgres_dsn, connect_timeout=30) as storage:
         await storage.migrate()
