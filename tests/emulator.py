@@ -77,9 +77,9 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
 
     token: str | None = None  # when set, every request needs `Authorization: Bearer <token>`
     history_limit: int = 1000  # changes kept for watches to resume from; older ones answer 410 Gone
-    # KMock matches each request against its reactions by walking the whole request log (O(n) per request),
-    # so long tests (leader elections, soak runs) slow down quadratically; keep only the recent requests.
-    request_log_limit: int = 64
+    # KMock matches each request against its reactions by walking the whole request log (O(n) per request);
+    # no test reads the log, so keep only the last few: 64 kept made a write cost ~7 ms, 4 make it ~1.5 ms.
+    request_log_limit: int = 4
     objects: kmock.ObjectsArray = attrs.field(factory=kmock.ObjectsArray, init=False)
     _revision: int = attrs.field(default=0, init=False)  # one counter for every write, as etcd's
     _history: collections.deque[Change] = attrs.field(factory=collections.deque, init=False)
