@@ -6,6 +6,11 @@ import io
 import json
 import logging
 
+import kopf
+import pytest
+from kopf._core.actions.loggers import ObjectLogger
+from kopf._cogs.structs.bodies import Body
+
 from kubearq.worker.observability import ContextFilter, configure_logging, log_context
 
 
@@ -31,3 +36,25 @@ def test_context_never_overwrites_the_records_own_fields() -> None:
         ContextFilter().filter(record)
     assert (record.name, record.msg) == ("logger.name", "m")
     assert (record.object_name, record.object_msg) == ("resource", "not the message")  # type: ignore[attr-defined]
+
+
+def test_kopf_object_log_lines_are_json_with_the_object_and_no_formatting_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """kopf logs per object with its settings attached; they must not break (or bloat) the JSON line."""
+    configure_logging("INFO")
+    stream = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    body = Body({"apiVersion": "kubearq.dev/v1alpha1", "kind": "SyncSchedule",
+                 "metadata": {"name": "nightly", "namespace": "shop", "uid": "u-1"}})
+    try:
+        ObjectLogger(body=body, settings=kopf.OperatorSettings()).info("Handler 'spy' succeeded.")
+    finally:
+        logging.getLogger().handlers.clear()
+    assert "Logging error" not in capsys.readouterr().err
+    line = json.loads(stream.getvalue())
+    assert line["message"] == "Handler 'spy' succeeded."
+    assert (line["object"]["kind"], line["object"]["namespace"], line["object"]["name"]) == (
+        "SyncSchedule", "shop", "nightly")
+    assert "settings" not in line

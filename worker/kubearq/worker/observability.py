@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import prometheus_client
 from aiohttp import web
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 # Fields every log line carries where they apply (style.md: namespace/name and the job id).
@@ -47,7 +48,11 @@ def configure_logging(level: str = "INFO") -> None:
     """One JSON formatter on the root logger; ARQ's and kopf's loggers propagate into it."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter(
-        "{asctime}{levelname}{name}{message}", style="{", rename_fields={"levelname": "level", "asctime": "time"},
+        "{asctime}{levelname}{name}{message}", style="{",
+        # kopf's per-object records carry its OperatorSettings (not serializable: every such line failed to
+        # format) and a skip flag; the object reference itself is worth keeping, as `object`.
+        reserved_attrs=[*RESERVED_ATTRS, "settings", "k8s_skip"],
+        rename_fields={"levelname": "level", "asctime": "time", "k8s_ref": "object"},
     ))
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
