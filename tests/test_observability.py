@@ -58,3 +58,13 @@ def test_kopf_object_log_lines_are_json_with_the_object_and_no_formatting_error(
     assert (line["object"]["kind"], line["object"]["namespace"], line["object"]["name"]) == (
         "SyncSchedule", "shop", "nightly")
     assert "settings" not in line
+
+
+def test_httpx_request_lines_are_left_out_at_info() -> None:
+    configure_logging("INFO")
+    try:
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+        assert logging.getLogger("httpx").isEnabledFor(logging.WARNING)
+        assert logging.getLogger("kubearq.operator").isEnabledFor(logging.INFO)
+    finally:
+        logging.getLogger().handlers.clear()

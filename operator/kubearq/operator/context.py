@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from kubearq.operator.batching import EnqueueBatcher
+from kubearq.operator.batching import EnqueueBatcher, OutcomeReader
 from kubearq.operator.kube import EVENTS, KubeApi, KubeObject, Resource
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.resources import GROUP, VERSION
@@ -40,14 +41,18 @@ class OperatorContext:
     ensure_leader: Callable[[], None]
     """Raises unless this replica leads right now: called right before every write."""
     now: Callable[[], datetime.datetime] = field(default=utc_now)
-    served_cache: dict[str, tuple[float, set[str]]] = field(default_factory=dict)
+    served_cache: dict[str, tuple[float, asyncio.Future[set[str]]]] = field(default_factory=dict)
+    """Functions served per queue, with when they were read (see schedules.served_functions)."""
     spec_cache: dict[tuple[str, int], object] = field(default_factory=dict)
     """Validated specs by (uid, generation)."""
     enqueuer: EnqueueBatcher = field(init=False)
+    """Enqueues of many schedules due together, one script call per queue."""
+    outcomes: OutcomeReader = field(init=False)
+    """Run outcomes of many schedules, one pipeline per queue."""
 
     def __post_init__(self) -> None:
         self.enqueuer = EnqueueBatcher(self.redis)
-    """Functions served per queue, with when they were read (see schedules.served_functions)."""
+        self.outcomes = OutcomeReader(self.redis)
 
     async def post_event(self, obj: KubeObject, reason: str, message: str, *, warning: bool = False) -> None:
         """A Kubernetes Event on the resource (what `kubectl describe` shows)."""

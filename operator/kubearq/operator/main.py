@@ -102,9 +102,9 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
 
 async def reconcile_all(ctx: OperatorContext, due: Sequence[tuple[Key, KubeObject]],
                         reconcilers: Mapping[str, Reconciler]) -> list[datetime | None]:
-    """Reconcile many objects, CONCURRENCY at a time; SyncSchedules in two phases (all enqueues, then all
-    status writes), so the tick lag of the last of many schedules due together is not the sum of status
-    writes before it."""
+    """Reconcile many objects; SyncSchedules in two phases: all enqueues at once (Redis calls only, coalesced
+    per queue), then the status writes and Events, CONCURRENCY at a time; so the tick lag of the last of
+    many schedules due together is not the sum of the API calls before it."""
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def bounded(coroutine: Awaitable[T]) -> T:
@@ -114,8 +114,7 @@ async def reconcile_all(ctx: OperatorContext, due: Sequence[tuple[Key, KubeObjec
     steps: dict[Key, ScheduleStep] = {}
     if reconcilers.get("SyncSchedule") is reconcile_schedule:
         schedules = [(key, body) for key, body in due if key[0] == "SyncSchedule"]
-        advanced = await asyncio.gather(*(bounded(guarded(ctx, key, advance_schedule(ctx, body)))
-                                          for key, body in schedules))
+        advanced = await asyncio.gather(*(guarded(ctx, key, advance_schedule(ctx, body)) for key, body in schedules))
         steps = {key: step for (key, _), step in zip(schedules, advanced, strict=True) if step is not None}
         await asyncio.gather(*(bounded(guarded(ctx, key, step.write(ctx))) for key, step in steps.items()))
 
@@ -217,6 +216,9 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
                        now: Callable[[], datetime] = utc_now, identity: str | None = None,
                        reconcilers: Mapping[str, Reconciler] | None = None) -> None:
     """Everything one operator replica does, until `stop` is set."""
+    # kopf logs "Handler ... succeeded." at INFO for every watch event the spies see: a line per object per
+    # status write. Its warnings and errors still come through.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
     store = ResourceStore()
     redis = create_redis(settings.redis_url)

@@ -7,6 +7,7 @@ and a tick enqueued twice is refused by its deterministic, remembered id.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ from kubearq.operator.scheduler import (
 )
 from kubearq.operator.syncschedule import (
     MAX_ACTIVE,
+    ConcurrencyPolicy,
     RunOutcome,
     ScheduleRun,
     SyncScheduleSpec,
@@ -38,7 +40,7 @@ from kubearq.operator.syncschedule import (
 )
 from kubearq.worker.connections import TRANSIENT_ERRORS
 from kubearq.worker.contract import function_registry_key
-from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, job_outcomes, remove_queued
+from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, remove_queued
 
 logger = logging.getLogger(__name__)
 
@@ -111,29 +113,44 @@ def parsed_spec(ctx: OperatorContext, uid: str, generation: int, raw: object) ->
 
 
 async def served_functions(ctx: OperatorContext, queue: str) -> set[str]:
-    """Functions workers published on `queue` recently; read at most once a second per queue (many
-    schedules due on the same minute share one read)."""
+    """Functions workers published on `queue` recently; read at most once a second per queue, and one read
+    in flight at a time (many schedules due on the same minute share one read)."""
     cached = ctx.served_cache.get(queue)
-    if cached is not None and time.monotonic() - cached[0] < 1.0:
-        return cached[1]
+    if cached is None or time.monotonic() - cached[0] >= 1.0 or (cached[1].done() and (cached[1].cancelled() or cached[1].exception())):
+        reading = asyncio.ensure_future(_read_served(ctx, queue))
+        reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
+        cached = ctx.served_cache[queue] = (time.monotonic(), reading)
+    return await asyncio.shield(cached[1])
+
+
+async def _read_served(ctx: OperatorContext, queue: str) -> set[str]:
     published = cast(dict[bytes, bytes], await ctx.redis.hgetall(function_registry_key(queue)))  # type: ignore[misc]
     fresh_after = time.time() - ctx.settings.function_freshness_seconds
-    served = {name.decode() for name, stamp in published.items() if float(stamp) >= fresh_after}
-    ctx.served_cache[queue] = (time.monotonic(), served)
-    return served
+    return {name.decode() for name, stamp in published.items() if float(stamp) >= fresh_after}
+
+
+@dataclass(frozen=True)
+class Event:
+    reason: str
+    message: str
+    warning: bool = False
 
 
 @dataclass(frozen=True)
 class ScheduleStep:
-    """What one pass over a schedule did (enqueues are done) and what is left to write."""
+    """What one pass over a schedule did (enqueues are done) and what is left to write and tell."""
 
     body: KubeObject
     previous: SyncScheduleStatus
     status: SyncScheduleStatus | None
     wake_at: datetime | None
+    events: tuple[Event, ...] = ()
+    """Posted after the status write (API calls are kept out of the enqueue pass)."""
     invalid_message: str | None = None
 
     async def write(self, ctx: OperatorContext) -> None:
+        for event in self.events:
+            await ctx.post_event(self.body, event.reason, event.message, warning=event.warning)
         if self.status is not None and await write_status(ctx, self.body, self.previous, self.status) \
                 and self.invalid_message:
             await ctx.post_event(self.body, "InvalidSchedule", self.invalid_message, warning=True)
@@ -149,8 +166,10 @@ async def reconcile_schedule(ctx: OperatorContext, body: KubeObject) -> datetime
 async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleStep:
     """Enqueue what is due and compute the new status, without writing it yet.
 
-    The leader advances every due schedule first and writes their statuses after, so a thousand schedules
-    on the same minute are all enqueued before the first status write (the slow part) begins.
+    The leader advances every due schedule first and writes their statuses after, so ten thousand
+    schedules on the same minute are all enqueued before the first status write (the slow part) begins.
+    Nothing stands before a tick's enqueue that need not: with `Allow`, the previous runs' outcomes and
+    the served functions are read after it; `Forbid` and `Replace` read the outcomes first, as they decide.
     """
     metadata = body.get("metadata", {})
     namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
@@ -165,26 +184,28 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleSt
             "observed_generation": generation, "next_schedule_time": None,
             "conditions": set_condition(previous.conditions, ready(
                 ConditionStatus.FALSE, "InvalidSchedule", message, generation, now))})
-        return ScheduleStep(body, previous, status, None, message)
+        return ScheduleStep(body, previous, status, None, invalid_message=message)
 
     queue = spec.job.queue
-    try:
-        pending = [run.job_id for run in previous.runs if run.outcome not in FINISHED]
-        outcomes = await job_outcomes(ctx.redis, queue, pending) if pending else {}
-        served = await served_functions(ctx, queue)
-    except TRANSIENT_ERRORS as error:
-        ctx.metrics.count_error("read_redis")
-        logger.warning("cannot read Redis for %s/%s: %s", namespace, name, error)
-        return ScheduleStep(body, previous, None, now + RETRY_AFTER_FAILURE)
-    runs = update_runs(previous.runs, outcomes, now)
     # A new schedule starts at its creation, as CronJob does; afterwards at the last tick handled.
     since = previous.last_schedule_time or parse_time(metadata.get("creationTimestamp")) or now
     plan = plan_ticks(spec.schedule, spec.time_zone, since, now, spec.starting_deadline_seconds)
-    status = previous.model_copy(update={"observed_generation": generation})
+    runs = list(previous.runs)
+    pending = [run.job_id for run in runs if run.outcome not in FINISHED]
+    outcomes_read = False
+    if pending and plan.enqueue and not spec.suspend and spec.concurrency_policy != ConcurrencyPolicy.ALLOW:
+        try:
+            runs = update_runs(runs, await ctx.outcomes.read(queue, pending), now)
+            outcomes_read = True
+        except TRANSIENT_ERRORS as error:
+            ctx.metrics.count_error("read_redis")
+            logger.warning("cannot read Redis for %s/%s: %s", namespace, name, error)
+            return ScheduleStep(body, previous, None, now + RETRY_AFTER_FAILURE)
+
     skipped, missed, last_handled = previous.skipped_ticks, previous.missed_ticks, previous.last_schedule_time
     condition = ready(ConditionStatus.TRUE, "Scheduled", f"next tick at {rfc3339(plan.next_tick)}", generation, now)
+    events: list[Event] = []
     retry_at: datetime | None = None
-
     if spec.suspend:
         condition = ready(ConditionStatus.FALSE, "Suspended", "spec.suspend is true: no new runs", generation, now)
     else:
@@ -195,8 +216,8 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleSt
             if action == Action.SKIP:
                 skipped += 1
                 last_handled = tick
-                await ctx.post_event(body, "TickSkipped", f"tick {rfc3339(tick)} skipped: concurrencyPolicy Forbid "
-                                     f"and {len(active)} run(s) still active ({', '.join(active)})")
+                events.append(Event("TickSkipped", f"tick {rfc3339(tick)} skipped: concurrencyPolicy Forbid "
+                                                   f"and {len(active)} run(s) still active ({', '.join(active)})"))
                 continue
             try:
                 if action == Action.REPLACE:
@@ -212,10 +233,24 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleSt
                 ctx.metrics.count_error("enqueue")
                 message = f"could not enqueue the tick of {rfc3339(tick)}: {type(error).__name__}: {error}"
                 condition = ready(ConditionStatus.FALSE, "EnqueueFailed", message, generation, now)
-                await ctx.post_event(body, "EnqueueFailed", message, warning=True)
+                events.append(Event("EnqueueFailed", message, warning=True))
                 retry_at = now + RETRY_AFTER_FAILURE
                 break
-        if condition.reason == "Scheduled" and spec.job.function not in served:
+
+    # What is due is enqueued: now what became of the earlier runs, and whether a worker serves the function.
+    served: set[str] | None = None
+    try:
+        if pending and not outcomes_read:
+            runs = update_runs(runs, await ctx.outcomes.read(queue, pending), now)
+        served = await served_functions(ctx, queue)
+    except TRANSIENT_ERRORS as error:  # what was enqueued is still recorded; the rest waits for the next pass
+        ctx.metrics.count_error("read_redis")
+        logger.warning("cannot read Redis for %s/%s: %s", namespace, name, error)
+        retry_at = retry_at or now + RETRY_AFTER_FAILURE
+    if condition.reason == "Scheduled":
+        if served is None:  # unknown: keep what the last pass found
+            condition = next((old for old in previous.conditions if old.type == "Ready"), condition)
+        elif spec.job.function not in served:
             condition = ready(
                 ConditionStatus.FALSE, "FunctionUnknown",
                 f"no worker on queue {queue!r} has published function {spec.job.function!r} in the last "
@@ -224,7 +259,8 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleSt
 
     runs = keep_history(runs, spec.successful_runs_history_limit, spec.failed_runs_history_limit)
     active_ids = [run.job_id for run in runs if run.outcome not in FINISHED]
-    status = status.model_copy(update={
+    status = previous.model_copy(update={
+        "observed_generation": generation,
         "runs": runs, "active": active_ids, "active_count": len(active_ids),
         "skipped_ticks": skipped, "missed_ticks": missed, "last_schedule_time": last_handled,
         "next_schedule_time": None if spec.suspend else plan.next_tick,
@@ -235,7 +271,7 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleSt
         wake.append(now + timedelta(seconds=ctx.settings.status_interval))
     if retry_at:
         wake.append(retry_at)
-    return ScheduleStep(body, previous, status, min(wake) if wake else None)
+    return ScheduleStep(body, previous, status, min(wake) if wake else None, tuple(events))
 
 
 async def enqueue_tick(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime,
@@ -250,7 +286,7 @@ async def enqueue_tick(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, t
     ctx.ensure_leader()  # the fence: a replica that lost the Lease writes nothing
     if await ctx.enqueuer.enqueue(spec.job.queue, job, remember_ms=remember):
         ctx.metrics.count_enqueued("schedule", spec.job.queue)
-        ctx.metrics.observe_tick_lag((now - tick).total_seconds())
+        ctx.metrics.observe_tick_lag((ctx.now() - tick).total_seconds())  # from the tick to this enqueue
         logger.info("enqueued %s for the tick of %s", job_id, rfc3339(tick))
     else:
         ctx.metrics.count_duplicate_enqueue("schedule")

@@ -58,6 +58,8 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at INFO: a line per status write, Lease renewal and fetched page.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
     for name in ("arq", "arq.worker", "arq.jobs", "arq.connections"):
         # ARQ configures its own handlers only through its CLI's dictConfig; make sure none are left over.
         logging.getLogger(name).handlers[:] = []

@@ -86,10 +86,10 @@ async def enqueue_many(
     With `remember_ms`, an id stays refused that long after it was enqueued, whatever became of the job
     and however briefly workers keep its result (exactly one run per schedule tick across failovers).
     """
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
     script = redis.register_script(_ENQUEUE)
     added: list[str] = []
     for start in range(0, len(jobs), CHUNK):
+        now = now_ms if now_ms is not None else int(time.time() * 1000)  # per chunk: each job's enqueue time
         argv: list[bytes | str | int] = [
             expires_ms, now, tally.field if tally else "", -1 if tally is None or tally.cap is None else tally.cap,
             remember_ms]
@@ -121,15 +121,17 @@ class JobOutcome:
 
 async def job_outcomes(redis: Redis, queue: str, job_ids: Sequence[str], *, now_ms: int | None = None
                        ) -> dict[str, JobOutcome]:
-    """The state of each job, read in one pipelined round trip."""
+    """The state of each job, read in pipelined round trips (CHUNK jobs each)."""
     now = now_ms if now_ms is not None else int(time.time() * 1000)
-    async with redis.pipeline(transaction=False) as pipe:
-        for job_id in job_ids:
-            pipe.get(result_key_prefix + job_id)
-            pipe.exists(in_progress_key_prefix + job_id)
-            pipe.zscore(queue, job_id)
-            pipe.exists(job_key_prefix + job_id)
-        replies = await pipe.execute()
+    replies: list[object] = []
+    for start in range(0, len(job_ids), CHUNK):
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids[start : start + CHUNK]:
+                pipe.get(result_key_prefix + job_id)
+                pipe.exists(in_progress_key_prefix + job_id)
+                pipe.zscore(queue, job_id)
+                pipe.exists(job_key_prefix + job_id)
+            replies += await pipe.execute()
     outcomes = {}
     for index, job_id in enumerate(job_ids):
         raw_result, running, score, queued = replies[4 * index : 4 * index + 4]
