@@ -131,6 +131,9 @@ class KubeApi:
             proxy=connection.proxy_url,
             trust_env=connection.trust_env,
             timeout=None,  # noqa: S113  # each call brings its own
+            # httpx keeps only 20 idle connections by default: with more requests in flight (the status
+            # writer's 32, the watch, the Lease) every request beyond them opened a new connection.
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
         )
 
     async def __aenter__(self) -> Self:

@@ -28,6 +28,7 @@ from kubearq.operator.scheduler import FireHeap
 from kubearq.operator.schedules import ScheduleStep, advance_schedule, reconcile_schedule
 from kubearq.operator.scrapes import scrape_request_reconciler
 from kubearq.operator.settings import OperatorSettings
+from kubearq.operator.writer import StatusWriter
 from kubearq.worker.aio import wait_or_timeout
 from kubearq.worker.connections import TRANSIENT_ERRORS, create_redis
 from kubearq.worker.observability import ProbeServer
@@ -43,9 +44,29 @@ CONCURRENCY = 64  # objects reconciled at once: Redis and the API server take th
 T = TypeVar("T")  # the loop re-reads the clock at least this often (clock jumps, tests)
 
 
+def _revision(body: KubeObject) -> int | None:
+    version = body.get("metadata", {}).get("resourceVersion")
+    return int(version) if isinstance(version, str) and version.isdigit() else None
+
+
+def _intent(body: KubeObject) -> tuple[object, ...]:
+    """What a reconcile acts on: everything but status and bookkeeping."""
+    metadata = body.get("metadata", {})
+    return (body.get("spec"), metadata.get("uid"), metadata.get("generation"), metadata.get("deletionTimestamp"),
+            metadata.get("finalizers"))
+
+
 @dataclass
 class ResourceStore:
-    """Every SyncSchedule and ScrapeRequest as last seen on the watch; `dirty` keys changed since read."""
+    """Every SyncSchedule and ScrapeRequest as last seen (on the watch, or as the leader wrote it);
+    `dirty` holds the keys whose spec, generation, deletion or finalizers changed since they were read.
+
+    A change of status alone is not work: the leader wrote it (and computed it from what it already
+    knew). The leader's own writes come back on the watch, later than the write's answer, which is stored
+    at once; a watch event older than what is stored is ignored. Versions are compared as numbers, as
+    client-go's mutation cache does (every API server issues etcd revisions); any other version is taken
+    as newer.
+    """
 
     objects: dict[Key, KubeObject] = field(default_factory=dict)
     dirty: set[Key] = field(default_factory=set)
@@ -56,10 +77,18 @@ class ResourceStore:
         key = (kind, str(metadata.get("namespace")), str(metadata.get("name")))
         if event_type == "DELETED":
             self.objects.pop(key, None)
-        else:
-            self.objects[key] = body
-        self.dirty.add(key)
-        self.changed.set()
+            self.dirty.add(key)
+            self.changed.set()
+            return
+        known = self.objects.get(key)
+        if known is not None:
+            seen, arriving = _revision(known), _revision(body)
+            if seen is not None and arriving is not None and arriving <= seen:
+                return
+        self.objects[key] = body
+        if known is None or _intent(known) != _intent(body):
+            self.dirty.add(key)
+            self.changed.set()
 
     def queues(self) -> set[str]:
         found = set()
@@ -77,34 +106,41 @@ def default_reconcilers() -> dict[str, Reconciler]:
 async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[str, Reconciler]) -> None:
     """The leader's loop: reconcile everything once, then what changed and what is due."""
     heap: FireHeap[Key] = FireHeap()
+    writer: StatusWriter[Key] = StatusWriter(ctx, on_written=lambda key, body: store.observe(key[0], "MODIFIED", body))
+    writer.start()
     store.dirty.update(store.objects)
     logger.info("leading: reconciling %d objects", len(store.objects))
-    while True:
-        now = ctx.now()
-        keys = set(store.dirty) | set(heap.pop_due(now))
-        store.dirty.clear()
-        store.changed.clear()
-        present = [key for key in sorted(keys) if key in store.objects]
-        for key in keys.difference(present):
-            heap.remove(key)
-        wakes = await reconcile_all(ctx, [(key, store.objects[key]) for key in present], reconcilers)
-        for key, wake in zip(present, wakes, strict=True):
-            if wake is None:
+    try:
+        while True:
+            now = ctx.now()
+            keys = set(store.dirty) | set(heap.pop_due(now))
+            store.dirty.clear()
+            store.changed.clear()
+            present = [key for key in sorted(keys) if key in store.objects]
+            for key in keys.difference(present):
                 heap.remove(key)
-            else:
-                heap.schedule(key, wake)
-        if store.dirty:
-            continue
-        next_time = heap.next_time()
-        delay = min(LONGEST_SLEEP, (next_time - ctx.now()) if next_time else LONGEST_SLEEP)
-        await wait_or_timeout(store.changed, max(0.0, delay.total_seconds()))
+            wakes = await reconcile_all(ctx, [(key, store.objects[key]) for key in present], reconcilers, writer)
+            for key, wake in zip(present, wakes, strict=True):
+                if wake is None:
+                    heap.remove(key)
+                else:
+                    heap.schedule(key, wake)
+            if store.dirty:
+                continue
+            next_time = heap.next_time()
+            delay = min(LONGEST_SLEEP, (next_time - ctx.now()) if next_time else LONGEST_SLEEP)
+            await wait_or_timeout(store.changed, max(0.0, delay.total_seconds()))
+    finally:
+        await writer.stop()
 
 
 async def reconcile_all(ctx: OperatorContext, due: Sequence[tuple[Key, KubeObject]],
-                        reconcilers: Mapping[str, Reconciler]) -> list[datetime | None]:
+                        reconcilers: Mapping[str, Reconciler],
+                        writer: StatusWriter[Key] | None = None) -> list[datetime | None]:
     """Reconcile many objects; SyncSchedules in two phases: all enqueues at once (Redis calls only, coalesced
-    per queue), then the status writes and Events, CONCURRENCY at a time; so the tick lag of the last of
-    many schedules due together is not the sum of the API calls before it."""
+    per queue), then the status writes and Events, handed to `writer` (or, without one, written here
+    CONCURRENCY at a time); so the tick lag of the last of many schedules due together is not the sum
+    of the API calls before it, nor of those still being written from the last minute."""
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def bounded(coroutine: Awaitable[T]) -> T:
@@ -114,9 +150,15 @@ async def reconcile_all(ctx: OperatorContext, due: Sequence[tuple[Key, KubeObjec
     steps: dict[Key, ScheduleStep] = {}
     if reconcilers.get("SyncSchedule") is reconcile_schedule:
         schedules = [(key, body) for key, body in due if key[0] == "SyncSchedule"]
-        advanced = await asyncio.gather(*(guarded(ctx, key, advance_schedule(ctx, body)) for key, body in schedules))
+        advanced = await asyncio.gather(*(
+            guarded(ctx, key, advance_schedule(ctx, body, writer.pending_status(key) if writer else None))
+            for key, body in schedules))
         steps = {key: step for (key, _), step in zip(schedules, advanced, strict=True) if step is not None}
-        await asyncio.gather(*(bounded(guarded(ctx, key, step.write(ctx))) for key, step in steps.items()))
+        if writer is not None:
+            for key, step in steps.items():
+                writer.submit(key, step)
+        else:
+            await asyncio.gather(*(bounded(guarded(ctx, key, step.write(ctx))) for key, step in steps.items()))
 
     async def one(key: Key, body: KubeObject) -> datetime | None:
         if key in steps:
@@ -163,8 +205,8 @@ async def reconcile_one(ctx: OperatorContext, key: Key, body: KubeObject,
 
 def build_registry(store: ResourceStore, connection: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    def spy_on(kind: str) -> Callable[..., None]:
-        def spy(*, event: kopf.RawEvent, **_: Any) -> None:
+    def spy_on(kind: str) -> Callable[..., Awaitable[None]]:
+        async def spy(*, event: kopf.RawEvent, **_: Any) -> None:  # async: kopf runs sync handlers in threads
             store.observe(kind, event.get("type"), cast(KubeObject, event.get("object") or {}))
 
         return spy

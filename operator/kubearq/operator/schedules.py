@@ -116,7 +116,8 @@ async def served_functions(ctx: OperatorContext, queue: str) -> set[str]:
     """Functions workers published on `queue` recently; read at most once a second per queue, and one read
     in flight at a time (many schedules due on the same minute share one read)."""
     cached = ctx.served_cache.get(queue)
-    if cached is None or time.monotonic() - cached[0] >= 1.0 or (cached[1].done() and (cached[1].cancelled() or cached[1].exception())):
+    failed = cached is not None and cached[1].done() and (cached[1].cancelled() or cached[1].exception() is not None)
+    if cached is None or failed or time.monotonic() - cached[0] >= 1.0:
         reading = asyncio.ensure_future(_read_served(ctx, queue))
         reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
         cached = ctx.served_cache[queue] = (time.monotonic(), reading)
@@ -148,12 +149,16 @@ class ScheduleStep:
     """Posted after the status write (API calls are kept out of the enqueue pass)."""
     invalid_message: str | None = None
 
-    async def write(self, ctx: OperatorContext) -> None:
+    async def write(self, ctx: OperatorContext) -> KubeObject | None:
+        """Post the Events, write the status if it changed; returns the object as written, if it was."""
         for event in self.events:
             await ctx.post_event(self.body, event.reason, event.message, warning=event.warning)
-        if self.status is not None and await write_status(ctx, self.body, self.previous, self.status) \
-                and self.invalid_message:
+        if self.status is None:
+            return None
+        written = await write_status(ctx, self.body, self.previous, self.status)
+        if written is not None and self.invalid_message:
             await ctx.post_event(self.body, "InvalidSchedule", self.invalid_message, warning=True)
+        return written
 
 
 async def reconcile_schedule(ctx: OperatorContext, body: KubeObject) -> datetime | None:
@@ -163,19 +168,21 @@ async def reconcile_schedule(ctx: OperatorContext, body: KubeObject) -> datetime
     return step.wake_at
 
 
-async def advance_schedule(ctx: OperatorContext, body: KubeObject) -> ScheduleStep:
+async def advance_schedule(ctx: OperatorContext, body: KubeObject,
+                           unwritten: SyncScheduleStatus | None = None) -> ScheduleStep:
     """Enqueue what is due and compute the new status, without writing it yet.
 
     The leader advances every due schedule first and writes their statuses after, so ten thousand
     schedules on the same minute are all enqueued before the first status write (the slow part) begins.
     Nothing stands before a tick's enqueue that need not: with `Allow`, the previous runs' outcomes and
     the served functions are read after it; `Forbid` and `Replace` read the outcomes first, as they decide.
+    `unwritten` is a status computed earlier and not written yet: it is newer than the object's.
     """
     metadata = body.get("metadata", {})
     namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
     uid, generation = str(metadata.get("uid")), int(metadata.get("generation", 1))
     now = ctx.now()
-    previous = SyncScheduleStatus.model_validate(body.get("status") or {})
+    previous = unwritten or SyncScheduleStatus.model_validate(body.get("status") or {})
     try:
         spec = parsed_spec(ctx, uid, generation, body.get("spec"))
     except ValidationError as error:
@@ -295,19 +302,19 @@ async def enqueue_tick(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, t
 
 
 async def write_status(ctx: OperatorContext, body: KubeObject, previous: SyncScheduleStatus,
-                       status: SyncScheduleStatus) -> bool:
-    """Patch status through the subresource when it changed; returns whether it was written."""
+                       status: SyncScheduleStatus) -> KubeObject | None:
+    """Patch status through the subresource when it changed; returns the object as written, if it was."""
     if status == previous:
-        return False
+        return None
     metadata = body.get("metadata", {})
     document = status.model_dump(mode="json", by_alias=True)  # None values clear fields in a merge patch
     ctx.ensure_leader()
     try:
-        await ctx.api.patch_status(SYNC_SCHEDULES, str(metadata.get("name")), document,
-                                   namespace=str(metadata.get("namespace")), timeout=API_TIMEOUT)
+        written = await ctx.api.patch_status(SYNC_SCHEDULES, str(metadata.get("name")), document,
+                                             namespace=str(metadata.get("namespace")), timeout=API_TIMEOUT)
     except ApiError as error:
         ctx.metrics.count_status_patch("SyncSchedule", "conflict" if error.code == 409 else "error")
         logger.warning("status of %s/%s not written: %s", metadata.get("namespace"), metadata.get("name"), error)
-        return False
+        return None
     ctx.metrics.count_status_patch("SyncSchedule", "ok")
-    return True
+    return written

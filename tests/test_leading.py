@@ -1,0 +1,199 @@
+"""The leader's loop: the store of watched objects, the status writer, and ticks that never wait for writes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import pytest
+from arq.connections import ArqRedis
+
+from kubearq.operator.context import SYNC_SCHEDULES, OperatorContext
+from kubearq.operator.kube import KubeApi, KubeObject, Resource
+from kubearq.operator.main import ResourceStore, lead
+from kubearq.operator.metrics import OperatorMetrics
+from kubearq.operator.scheduler import tick_job_id
+from kubearq.operator.schedules import advance_schedule, reconcile_schedule
+from kubearq.operator.settings import OperatorSettings
+from kubearq.operator.writer import StatusWriter
+from kubearq.worker.connections import create_redis
+from kubearq.worker.contract import function_registry_key
+from tests.emulator import KubernetesUnderTest
+from tests.polling import until
+
+T0 = datetime(2026, 11, 24, 10, 0, 30, tzinfo=UTC)
+KEY = ("SyncSchedule", "default", "nightly")
+
+
+def schedule(version: str, *, spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None,
+             generation: int = 1, **metadata: Any) -> KubeObject:
+    meta: dict[str, Any] = {"name": "nightly", "namespace": "default", "uid": "u-1", "resourceVersion": version,
+                            "generation": generation, **metadata}
+    return cast(KubeObject, {
+        "apiVersion": "kubearq.dev/v1alpha1", "kind": "SyncSchedule", "metadata": meta,
+        "spec": spec or {"schedule": "* * * * *", "job": {"function": "sync_connections"}}, "status": status or {}})
+
+
+def test_a_new_object_and_a_spec_change_are_work() -> None:
+    store = ResourceStore()
+    store.observe("SyncSchedule", "ADDED", schedule("10"))
+    assert store.dirty == {KEY}
+    store.dirty.clear()
+    store.observe("SyncSchedule", "MODIFIED", schedule("11", spec={"schedule": "0 * * * *", "job": {
+        "function": "sync_connections"}}, generation=2))
+    assert store.dirty == {KEY}
+    store.dirty.clear()
+    store.observe("SyncSchedule", "MODIFIED", schedule("12", generation=2, deletionTimestamp="2026-11-24T10:00:00Z"))
+    assert store.dirty == {KEY}
+    store.dirty.clear()
+    store.observe("SyncSchedule", "DELETED", schedule("13"))
+    assert store.dirty == {KEY}
+    assert KEY not in store.objects
+
+
+def test_a_status_change_alone_is_stored_but_is_not_work() -> None:
+    store = ResourceStore()
+    store.observe("SyncSchedule", "ADDED", schedule("10"))
+    store.dirty.clear()
+    store.changed.clear()
+    store.observe("SyncSchedule", "MODIFIED", schedule("11", status={"activeCount": 1}))
+    assert not store.dirty
+    assert not store.changed.is_set()
+    assert store.objects[KEY]["status"] == {"activeCount": 1}
+
+
+def test_an_older_version_arriving_after_a_newer_one_is_ignored() -> None:
+    """The leader stores a write's answer at once; the watch delivers earlier versions after it."""
+    store = ResourceStore()
+    store.observe("SyncSchedule", "MODIFIED", schedule("20", status={"activeCount": 2}))
+    store.observe("SyncSchedule", "MODIFIED", schedule("19", status={"activeCount": 1}))
+    store.observe("SyncSchedule", "MODIFIED", schedule("20", status={"activeCount": 2}))
+    assert store.objects[KEY]["metadata"]["resourceVersion"] == "20"
+    assert store.objects[KEY]["status"] == {"activeCount": 2}
+
+
+def test_versions_that_are_not_numbers_are_taken_as_newer() -> None:
+    store = ResourceStore()
+    store.observe("SyncSchedule", "MODIFIED", schedule("20"))
+    store.observe("SyncSchedule", "MODIFIED", schedule("abc", status={"activeCount": 1}))
+    assert store.objects[KEY]["status"] == {"activeCount": 1}
+
+
+class SlowStatusApi(KubeApi):
+    """The emulator's API, with every status write taking `delay` seconds and counted."""
+
+    delay = 0.0
+    status_writes = 0
+
+    async def patch_status(self, resource: Resource, name: str, status: Mapping[str, object], *,
+                           namespace: str | None = None, resource_version: str | None = None,
+                           timeout: float) -> KubeObject:  # noqa: ASYNC109
+        self.status_writes += 1
+        await asyncio.sleep(self.delay)
+        return await super().patch_status(resource, name, status, namespace=namespace,
+                                          resource_version=resource_version, timeout=timeout)
+
+
+async def holds(value: object) -> bool:
+    return bool(value)
+
+
+class Clock:
+    def __init__(self, moment: datetime) -> None:
+        self.moment = moment
+
+    def __call__(self) -> datetime:
+        return self.moment
+
+
+async def enqueued(redis: ArqRedis, uid: str, tick: datetime) -> bool:
+    return bool(await redis.exists(f"arq:job:{tick_job_id(uid, tick)}"))
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[ArqRedis]:
+    client = create_redis(redis_url)
+    await client.hset(function_registry_key("arq:queue"), "sync_connections", str(2**40))  # type: ignore[misc]
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def slow_api(k8s: KubernetesUnderTest) -> AsyncIterator[SlowStatusApi]:
+    api = SlowStatusApi(k8s.connection)
+    yield api
+    await api.aclose()
+
+
+def context(api: KubeApi, redis: ArqRedis, clock: Clock) -> OperatorContext:
+    return OperatorContext(api=api, redis=redis, metrics=OperatorMetrics(), ensure_leader=lambda: None,
+                           settings=OperatorSettings(status_interval=1.0), now=clock)
+
+
+async def create(k8s: KubernetesUnderTest) -> KubeObject:
+    body = {"apiVersion": "kubearq.dev/v1alpha1", "kind": "SyncSchedule", "metadata": {"name": "nightly"},
+            "spec": {"schedule": "* * * * *", "job": {"function": "sync_connections"}},
+            }
+    await k8s.api.create(SYNC_SCHEDULES, body, namespace=k8s.namespace, timeout=10)
+    return await k8s.api.patch_status(SYNC_SCHEDULES, "nightly", {"lastScheduleTime": "2026-11-24T10:00:00Z"},
+                                      namespace=k8s.namespace, timeout=10)
+
+
+async def test_the_writer_writes_the_newest_status_once_and_stores_the_answer(
+        k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis) -> None:
+    clock = Clock(T0 + timedelta(seconds=30))
+    ctx = context(slow_api, redis, clock)
+    body = await create(k8s)
+    key = ("SyncSchedule", k8s.namespace, "nightly")
+    stored: list[KubeObject] = []
+    writer: StatusWriter[tuple[str, str, str]] = StatusWriter(ctx, lambda _, written: stored.append(written))
+    slow_api.delay = 0.5
+    writer.start()
+    try:
+        first = await advance_schedule(ctx, body)  # the 10:01 tick
+        writer.submit(key, first)
+        await until(lambda: holds(slow_api.status_writes == 1), what="the first write started")
+        clock.moment += timedelta(minutes=1)
+        second = await advance_schedule(ctx, body, writer.pending_status(key))  # the 10:02 tick, from the pending
+        writer.submit(key, second)
+        clock.moment += timedelta(minutes=1)
+        third = await advance_schedule(ctx, body, writer.pending_status(key))  # 10:03, replaces the waiting 10:02
+        writer.submit(key, third)
+        await until(lambda: holds(len(writer) == 0), what="every write done")
+    finally:
+        await writer.stop()
+    assert slow_api.status_writes == 2
+    status = (await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=10))["status"]
+    assert status["lastScheduleTime"] == "2026-11-24T10:03:00Z"
+    assert [run["scheduledTime"] for run in cast(list[dict[str, str]], status["runs"])] == [
+        "2026-11-24T10:03:00Z", "2026-11-24T10:02:00Z", "2026-11-24T10:01:00Z"]
+    assert stored[-1]["status"] == status
+    assert ctx.metrics.duplicate_enqueues.labels(source="schedule")._value.get() == 0
+
+
+async def test_a_tick_is_enqueued_on_time_while_the_last_ticks_status_is_still_being_written(
+        k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis) -> None:
+    clock = Clock(T0)
+    ctx = context(slow_api, redis, clock)
+    store = ResourceStore()
+    store.observe("SyncSchedule", "ADDED", await create(k8s))
+    leading = asyncio.create_task(lead(ctx, store, {"SyncSchedule": reconcile_schedule}))
+    uid = store.objects[("SyncSchedule", k8s.namespace, "nightly")]["metadata"]["uid"]
+    try:
+        await until(lambda: holds(slow_api.status_writes == 1), what="the first pass's status write")
+        slow_api.delay = 5.0  # the API server is slow from now on
+        clock.moment = datetime(2026, 11, 24, 10, 1, tzinfo=UTC)
+        await until(lambda: enqueued(redis, uid, clock.moment), within=3, what="10:01")
+        clock.moment = datetime(2026, 11, 24, 10, 2, tzinfo=UTC)
+        started = time.monotonic()
+        await until(lambda: enqueued(redis, uid, clock.moment), within=3, what="10:02")
+        assert time.monotonic() - started < 2.5  # the loop wakes at least once a second; the write takes 5 s
+        assert ctx.metrics.duplicate_enqueues.labels(source="schedule")._value.get() == 0
+        await until(lambda: holds(store.objects[("SyncSchedule", k8s.namespace, "nightly")]["status"].get(
+            "lastScheduleTime") == "2026-11-24T10:02:00Z"), within=15, what="the status write of 10:02")
+    finally:
+        leading.cancel()
+        await asyncio.gather(leading, return_exceptions=True)
