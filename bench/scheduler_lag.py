@@ -25,20 +25,21 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parent.parent
-LOG = Path("/tmp/kubearq-bench-scheduler-lag.log")
+LOG = Path(tempfile.gettempdir()) / "kubearq-bench-scheduler-lag.log"
 sys.path.insert(0, str(REPO))
 
 import kopf
 
 from kubearq.operator.context import SYNC_SCHEDULES
 from kubearq.operator.kube import KubeApi
-from kubearq.operator.main import run_operator
+from kubearq.operator.main import run_operator, tune_gc
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import create_redis
 from kubearq.worker.contract import deserialize
@@ -85,7 +86,7 @@ async def enqueue_lags(redis: Any, uids: list[str], tick: int) -> list[float]:
         for job, result in zip(replies[::2], replies[1::2], strict=True):
             raw = result or job
             if raw is not None:
-                lags.append(deserialize(raw)["et"] / 1000 - tick)
+                lags.append(int(cast(int, deserialize(raw)["et"])) / 1000 - tick)
     return sorted(lags)
 
 
@@ -111,19 +112,18 @@ async def main(schedules: int, minutes: int, pipe: multiprocessing.connection.Co
         print(f"  created in {time.perf_counter() - started:.1f}s", flush=True)
         env = {**os.environ, "REDIS_URL": server.url, "HTTP_PORT": str(free_port()), "HTTP_HOST": "127.0.0.1",
                "LOG_LEVEL": "WARNING", "MAX_JOBS": "64", "PYTHONPATH": str(REPO)}
-        worker = subprocess.Popen([sys.executable, "-m", "kubearq.cli", "worker", "--settings",
-                                   "tests.worker_jobs:WorkerSettings"], env=env, cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        configure_logging("INFO")  # as `kubearq operator` does by default; its lines go to a file
-        logging.getLogger().handlers[0].setStream(open(LOG, "a"))  # noqa: SIM115 - open while the process runs
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kubearq.cli", "worker", "--settings", "tests.worker_jobs:WorkerSettings",
+            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         settings = OperatorSettings(redis_url=server.url, http_host="127.0.0.1", http_port=free_port(),
                                     log_level="WARNING")
         stop = asyncio.Event()
         operator = asyncio.create_task(run_operator(settings, kopf.ConnectionInfo(server=base_url), stop=stop,
                                                     identity="bench"))
         try:
+            launched = time.time()
             print("operator started: first pass over every schedule, then the minutes", flush=True)
-            first = int(time.time()) // 60 * 60 + 60
+            first = int(launched) // 60 * 60 + 60
             for minute in range(minutes + 1):
                 tick = first + 60 * minute
                 while time.time() < tick + 50:  # the next tick's jobs are all in by then, unless lag > 50 s
@@ -132,7 +132,8 @@ async def main(schedules: int, minutes: int, pipe: multiprocessing.connection.Co
                         operator.result()
                 lags = await enqueue_lags(redis, uids, tick)
                 written = await statuses_at(api, tick)
-                label = "first tick (leader just started)" if minute == 0 else f"minute {minute}"
+                label = (f"first tick, {tick - launched:.0f} s after a cold start (kopf may still be listing)"
+                         if minute == 0 else f"minute {minute}")
                 if not lags:
                     print(f"{label}: no job enqueued for the tick", flush=True)
                     continue
@@ -143,7 +144,7 @@ async def main(schedules: int, minutes: int, pipe: multiprocessing.connection.Co
             stop.set()
             await asyncio.gather(operator, return_exceptions=True)
             worker.terminate()
-            worker.wait(timeout=30)
+            await worker.wait()
             await redis.aclose()
             await api.aclose()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -159,6 +160,11 @@ if __name__ == "__main__":
     receiving, sending = multiprocessing.Pipe(duplex=False)
     emulator = multiprocessing.get_context("spawn").Process(target=serve_emulator, args=(sending,), daemon=True)
     emulator.start()
+    tune_gc()  # as `kubearq operator` does
+    configure_logging("INFO")  # as `kubearq operator` does by default; its lines go to a file
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(LOG.open("a"))
     try:
         asyncio.run(main(arguments.schedules, arguments.minutes, receiving))
     finally:

@@ -16,11 +16,12 @@ from kubearq.operator.kube import KubeApi, KubeObject, Resource
 from kubearq.operator.main import ResourceStore, lead
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.scheduler import tick_job_id
-from kubearq.operator.schedules import advance_schedule, reconcile_schedule
+from kubearq.operator.schedules import ArmedTick, advance_schedule, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.writer import StatusWriter
 from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import function_registry_key
+from kubearq.worker.contract import deserialize, function_registry_key
+from kubearq.worker.queueing import NewJob
 from tests.emulator import KubernetesUnderTest
 from tests.polling import until
 
@@ -197,3 +198,57 @@ async def test_a_tick_is_enqueued_on_time_while_the_last_ticks_status_is_still_b
     finally:
         leading.cancel()
         await asyncio.gather(leading, return_exceptions=True)
+
+
+def armed_tick(tick: datetime, deadline: int | None = None) -> ArmedTick:
+    return ArmedTick("u-1", 1, tick, "arq:queue", NewJob(tick_job_id("u-1", tick), "sync_connections", {}), 60_000,
+                     deadline)
+
+
+def test_an_armed_tick_fires_only_while_it_is_the_one_due_tick() -> None:
+    tick = datetime(2026, 11, 24, 10, 1, tzinfo=UTC)
+    assert not armed_tick(tick).due(tick - timedelta(milliseconds=1))
+    assert armed_tick(tick).due(tick)
+    assert armed_tick(tick).due(tick + timedelta(seconds=59))
+    assert not armed_tick(tick).due(tick + timedelta(seconds=60))  # a later tick may be due: the full pass decides
+    assert not armed_tick(tick, deadline=10).due(tick + timedelta(seconds=10))  # missed: the full pass counts it
+
+
+async def test_only_allow_schedules_are_armed(k8s: KubernetesUnderTest, redis: ArqRedis) -> None:
+    ctx = context(k8s.api, redis, Clock(T0 + timedelta(seconds=30)))
+    body = await create(k8s)
+    allow = await advance_schedule(ctx, body)
+    assert allow.armed is not None
+    assert allow.armed.tick == datetime(2026, 11, 24, 10, 2, tzinfo=UTC)
+    assert allow.armed.job.job_id == tick_job_id(str(body["metadata"]["uid"]), allow.armed.tick)
+    changes: list[dict[str, Any]] = [{"concurrencyPolicy": "Forbid"}, {"concurrencyPolicy": "Replace"},
+                                     {"suspend": True}]
+    for generation, change in enumerate(changes, start=2):
+        metadata = cast(dict[str, Any], body["metadata"])
+        edited = cast(KubeObject, {**body, "metadata": {**metadata, "generation": generation},
+                                   "spec": {**body["spec"], **change}})
+        assert (await advance_schedule(ctx, edited)).armed is None, change
+
+
+async def test_a_spec_change_after_arming_enqueues_the_new_job_not_the_armed_one(
+        k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis) -> None:
+    clock = Clock(T0)
+    ctx = context(slow_api, redis, clock)
+    store = ResourceStore()
+    store.observe("SyncSchedule", "ADDED", await create(k8s))
+    key = ("SyncSchedule", k8s.namespace, "nightly")
+    leading = asyncio.create_task(lead(ctx, store, {"SyncSchedule": reconcile_schedule}))
+    try:
+        await until(lambda: holds(slow_api.status_writes == 1), what="the first pass (arms 10:01)")
+        changed = await k8s.api.patch(SYNC_SCHEDULES, "nightly", {"spec": {"job": {"function": "compact"}}},
+                                      namespace=k8s.namespace, timeout=10)
+        clock.moment = datetime(2026, 11, 24, 10, 1, tzinfo=UTC)  # the change is seen as the tick comes
+        store.observe("SyncSchedule", "MODIFIED", changed)
+        uid = str(changed["metadata"]["uid"])
+        await until(lambda: enqueued(redis, uid, clock.moment), within=3, what="10:01")
+    finally:
+        leading.cancel()
+        await asyncio.gather(leading, return_exceptions=True)
+    payload = deserialize(cast(bytes, await redis.get(f"arq:job:{tick_job_id(uid, clock.moment)}")))
+    assert payload["f"] == "compact"
+    assert key in store.objects

@@ -8,8 +8,8 @@ import logging
 
 import kopf
 import pytest
-from kopf._core.actions.loggers import ObjectLogger
 from kopf._cogs.structs.bodies import Body
+from kopf._core.actions.loggers import ObjectLogger
 
 from kubearq.worker.observability import ContextFilter, configure_logging, log_context
 

@@ -10,6 +10,7 @@ on gaining the Lease, then on every change and at each object's next due time, f
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -25,7 +26,7 @@ from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLead
 from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
 from kubearq.operator.resources import GROUP, VERSION
 from kubearq.operator.scheduler import FireHeap
-from kubearq.operator.schedules import ScheduleStep, advance_schedule, reconcile_schedule
+from kubearq.operator.schedules import ArmedTick, ScheduleStep, advance_schedule, fire_armed, reconcile_schedule
 from kubearq.operator.scrapes import scrape_request_reconciler
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.writer import StatusWriter
@@ -106,6 +107,7 @@ def default_reconcilers() -> dict[str, Reconciler]:
 async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[str, Reconciler]) -> None:
     """The leader's loop: reconcile everything once, then what changed and what is due."""
     heap: FireHeap[Key] = FireHeap()
+    armed: dict[Key, ArmedTick] = {}
     writer: StatusWriter[Key] = StatusWriter(ctx, on_written=lambda key, body: store.observe(key[0], "MODIFIED", body))
     writer.start()
     store.dirty.update(store.objects)
@@ -113,13 +115,21 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
     try:
         while True:
             now = ctx.now()
-            keys = set(store.dirty) | set(heap.pop_due(now))
+            due = heap.pop_due(now)
+            # Ticks first: the jobs of every schedule due now were built on its last pass; enqueue them all
+            # before any schedule's pass (reading outcomes, planning, status) begins.
+            firing = [armed.pop(key) for key in due if key in armed and key not in store.dirty
+                      and armed[key].due(now) and _unchanged(armed[key], store.objects.get(key))]
+            fired = await fire_armed(ctx, firing) if firing else {}
+            keys = set(store.dirty) | set(due)
             store.dirty.clear()
             store.changed.clear()
             present = [key for key in sorted(keys) if key in store.objects]
             for key in keys.difference(present):
                 heap.remove(key)
-            wakes = await reconcile_all(ctx, [(key, store.objects[key]) for key in present], reconcilers, writer)
+                armed.pop(key, None)
+            wakes = await reconcile_all(ctx, [(key, store.objects[key]) for key in present], reconcilers, writer,
+                                        fired, armed)
             for key, wake in zip(present, wakes, strict=True):
                 if wake is None:
                     heap.remove(key)
@@ -134,13 +144,20 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
         await writer.stop()
 
 
+def _unchanged(armed: ArmedTick, body: KubeObject | None) -> bool:
+    metadata = (body or {}).get("metadata", {})
+    return metadata.get("uid") == armed.uid and int(metadata.get("generation", 1)) == armed.generation
+
+
 async def reconcile_all(ctx: OperatorContext, due: Sequence[tuple[Key, KubeObject]],
-                        reconcilers: Mapping[str, Reconciler],
-                        writer: StatusWriter[Key] | None = None) -> list[datetime | None]:
+                        reconcilers: Mapping[str, Reconciler], writer: StatusWriter[Key] | None = None,
+                        fired: Mapping[str, datetime] | None = None,
+                        armed: dict[Key, ArmedTick] | None = None) -> list[datetime | None]:
     """Reconcile many objects; SyncSchedules in two phases: all enqueues at once (Redis calls only, coalesced
     per queue), then the status writes and Events, handed to `writer` (or, without one, written here
     CONCURRENCY at a time); so the tick lag of the last of many schedules due together is not the sum
-    of the API calls before it, nor of those still being written from the last minute."""
+    of the API calls before it, nor of those still being written from the last minute. `fired`: ticks
+    enqueued just before (see `fire_armed`); `armed` receives each schedule's next tick, ready to fire."""
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def bounded(coroutine: Awaitable[T]) -> T:
@@ -151,9 +168,16 @@ async def reconcile_all(ctx: OperatorContext, due: Sequence[tuple[Key, KubeObjec
     if reconcilers.get("SyncSchedule") is reconcile_schedule:
         schedules = [(key, body) for key, body in due if key[0] == "SyncSchedule"]
         advanced = await asyncio.gather(*(
-            guarded(ctx, key, advance_schedule(ctx, body, writer.pending_status(key) if writer else None))
+            guarded(ctx, key, advance_schedule(ctx, body, writer.pending_status(key) if writer else None, fired))
             for key, body in schedules))
         steps = {key: step for (key, _), step in zip(schedules, advanced, strict=True) if step is not None}
+        if armed is not None:
+            for key, _ in schedules:
+                step = steps.get(key)
+                if step is not None and step.armed is not None:
+                    armed[key] = step.armed
+                else:
+                    armed.pop(key, None)
         if writer is not None:
             for key, step in steps.items():
                 writer.submit(key, step)
@@ -314,8 +338,16 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         await redis.aclose()
 
 
+def tune_gc() -> None:
+    """Full collections of the cyclic GC walk every object the process holds (10,000 watched objects are
+    millions): measured 0.3-0.4 s each, several per pass over 10,000 schedules, doubling the pass. Larger
+    thresholds make them ~100x rarer; reference counting still frees everything without cycles at once."""
+    gc.set_threshold(50_000, 20, 20)
+
+
 def run(settings: OperatorSettings, connection: kopf.ConnectionInfo) -> None:
     """Process entry point: SIGTERM/SIGINT release the Lease and stop."""
+    tune_gc()
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -40,7 +40,7 @@ from kubearq.operator.syncschedule import (
 )
 from kubearq.worker.connections import TRANSIENT_ERRORS
 from kubearq.worker.contract import function_registry_key
-from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, remove_queued
+from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, enqueue_many, remove_queued
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,26 @@ async def _read_served(ctx: OperatorContext, queue: str) -> set[str]:
 
 
 @dataclass(frozen=True)
+class ArmedTick:
+    """A schedule's next tick with its job built in advance, for the leader to fire the moment it is due
+    (`fire_armed`), before the schedule's full pass; the pass then records the run without enqueueing."""
+
+    uid: str
+    generation: int
+    tick: datetime
+    queue: str
+    job: NewJob
+    remember_ms: int
+    deadline_seconds: int | None
+
+    def due(self, now: datetime) -> bool:
+        """Due, and the only due tick: cron ticks are at least a minute apart, so under a minute late it is
+        the tick `plan_ticks` would enqueue (later, or past the deadline, the full pass decides)."""
+        late = (now - self.tick).total_seconds()
+        return 0 <= late < min(60, self.deadline_seconds or 60)
+
+
+@dataclass(frozen=True)
 class Event:
     reason: str
     message: str
@@ -148,6 +168,8 @@ class ScheduleStep:
     events: tuple[Event, ...] = ()
     """Posted after the status write (API calls are kept out of the enqueue pass)."""
     invalid_message: str | None = None
+    armed: ArmedTick | None = None
+    """The next tick, ready to fire."""
 
     async def write(self, ctx: OperatorContext) -> KubeObject | None:
         """Post the Events, write the status if it changed; returns the object as written, if it was."""
@@ -168,15 +190,16 @@ async def reconcile_schedule(ctx: OperatorContext, body: KubeObject) -> datetime
     return step.wake_at
 
 
-async def advance_schedule(ctx: OperatorContext, body: KubeObject,
-                           unwritten: SyncScheduleStatus | None = None) -> ScheduleStep:
+async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: SyncScheduleStatus | None = None,
+                           fired: Mapping[str, datetime] | None = None) -> ScheduleStep:
     """Enqueue what is due and compute the new status, without writing it yet.
 
     The leader advances every due schedule first and writes their statuses after, so ten thousand
     schedules on the same minute are all enqueued before the first status write (the slow part) begins.
     Nothing stands before a tick's enqueue that need not: with `Allow`, the previous runs' outcomes and
     the served functions are read after it; `Forbid` and `Replace` read the outcomes first, as they decide.
-    `unwritten` is a status computed earlier and not written yet: it is newer than the object's.
+    `unwritten` is a status computed earlier and not written yet: it is newer than the object's. `fired`:
+    tick job ids `fire_armed` already handled, and when.
     """
     metadata = body.get("metadata", {})
     namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
@@ -234,7 +257,12 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject,
                     runs = [run.model_copy(update={"outcome": RunOutcome.ABORTED, "finish_time": now,
                                                    "error": f"replaced by the run of {rfc3339(tick)}"})
                             if run.job_id in active else run for run in runs]
-                runs.append(await enqueue_tick(ctx, spec, uid, tick, now))
+                fired_at = fired.get(tick_job_id(uid, tick)) if fired else None
+                if fired_at is not None:  # enqueued (or refused) a moment ago by fire_armed
+                    runs.append(ScheduleRun(job_id=tick_job_id(uid, tick), scheduled_time=tick,
+                                            enqueued_time=fired_at, outcome=RunOutcome.QUEUED))
+                else:
+                    runs.append(await enqueue_tick(ctx, spec, uid, tick, now))
                 last_handled = tick
             except TRANSIENT_ERRORS as error:
                 ctx.metrics.count_error("enqueue")
@@ -278,27 +306,63 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject,
         wake.append(now + timedelta(seconds=ctx.settings.status_interval))
     if retry_at:
         wake.append(retry_at)
-    return ScheduleStep(body, previous, status, min(wake) if wake else None, tuple(events))
+    armed = None
+    if not spec.suspend and spec.concurrency_policy == ConcurrencyPolicy.ALLOW:  # the others decide at the tick
+        job, remember = tick_job(ctx, spec, uid, plan.next_tick)
+        armed = ArmedTick(uid, generation, plan.next_tick, queue, job, remember, spec.starting_deadline_seconds)
+    return ScheduleStep(body, previous, status, min(wake) if wake else None, tuple(events), armed=armed)
 
 
-async def enqueue_tick(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime,
-                       now: datetime) -> ScheduleRun:
-    """Enqueue one tick's job (deferred by the schedule's jitter); a second enqueue of it is refused."""
-    job_id = tick_job_id(uid, tick)
+def tick_job(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime) -> tuple[NewJob, int]:
+    """One tick's job (deferred by the schedule's jitter) and how long its id stays refused."""
     run_at = tick + timedelta(seconds=jitter_offset(uid, spec.jitter_seconds))
-    job = NewJob(job_id, spec.job.function, spec.job.keyword_args, args=spec.job.args,
+    job = NewJob(tick_job_id(uid, tick), spec.job.function, spec.job.keyword_args, args=spec.job.args,
                  defer_until_ms=int(run_at.timestamp() * 1000))
     remember = tick_memory_ms(max(ctx.settings.tick_memory_seconds, spec.job.keep_result_seconds or 0),
                               LEASE_DURATION_SECONDS, spec.starting_deadline_seconds)
-    ctx.ensure_leader()  # the fence: a replica that lost the Lease writes nothing
-    if await ctx.enqueuer.enqueue(spec.job.queue, job, remember_ms=remember):
-        ctx.metrics.count_enqueued("schedule", spec.job.queue)
+    return job, remember
+
+
+def count_enqueue(ctx: OperatorContext, queue: str, job_id: str, tick: datetime, added: bool) -> None:
+    if added:
+        ctx.metrics.count_enqueued("schedule", queue)
         ctx.metrics.observe_tick_lag((ctx.now() - tick).total_seconds())  # from the tick to this enqueue
         logger.info("enqueued %s for the tick of %s", job_id, rfc3339(tick))
     else:
         ctx.metrics.count_duplicate_enqueue("schedule")
         logger.info("tick %s already enqueued (%s): refused as a duplicate", rfc3339(tick), job_id)
-    return ScheduleRun(job_id=job_id, scheduled_time=tick, enqueued_time=now, outcome=RunOutcome.QUEUED)
+
+
+async def enqueue_tick(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime,
+                       now: datetime) -> ScheduleRun:
+    """Enqueue one tick's job; a second enqueue of it is refused."""
+    job, remember = tick_job(ctx, spec, uid, tick)
+    ctx.ensure_leader()  # the fence: a replica that lost the Lease writes nothing
+    count_enqueue(ctx, spec.job.queue, job.job_id, tick,
+                  await ctx.enqueuer.enqueue(spec.job.queue, job, remember_ms=remember))
+    return ScheduleRun(job_id=job.job_id, scheduled_time=tick, enqueued_time=now, outcome=RunOutcome.QUEUED)
+
+
+async def fire_armed(ctx: OperatorContext, armed: Sequence[ArmedTick]) -> dict[str, datetime]:
+    """Enqueue armed ticks, one script call per queue; returns when each tick's job id was handled (new
+    or refused as already enqueued). A tick whose enqueue failed is left out: its full pass retries it."""
+    groups: dict[tuple[str, int], list[ArmedTick]] = {}
+    for tick in armed:
+        groups.setdefault((tick.queue, tick.remember_ms), []).append(tick)
+    fired: dict[str, datetime] = {}
+    for (queue, remember), ticks in groups.items():
+        ctx.ensure_leader()
+        try:
+            added = set(await enqueue_many(ctx.redis, queue, [tick.job for tick in ticks], remember_ms=remember))
+        except TRANSIENT_ERRORS as error:
+            ctx.metrics.count_error("enqueue")
+            logger.warning("could not enqueue %d ticks on %s: %s; their passes retry", len(ticks), queue, error)
+            continue
+        moment = ctx.now()
+        for tick in ticks:
+            count_enqueue(ctx, queue, tick.job.job_id, tick.tick, tick.job.job_id in added)
+            fired[tick.job.job_id] = moment
+    return fired
 
 
 async def write_status(ctx: OperatorContext, body: KubeObject, previous: SyncScheduleStatus,

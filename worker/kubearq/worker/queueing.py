@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import cast
+from typing import Any, cast
 
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
@@ -123,7 +123,7 @@ async def job_outcomes(redis: Redis, queue: str, job_ids: Sequence[str], *, now_
                        ) -> dict[str, JobOutcome]:
     """The state of each job, read in pipelined round trips (CHUNK jobs each)."""
     now = now_ms if now_ms is not None else int(time.time() * 1000)
-    replies: list[object] = []
+    replies: list[Any] = []
     for start in range(0, len(job_ids), CHUNK):
         async with redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids[start : start + CHUNK]:
