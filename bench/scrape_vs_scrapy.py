@@ -3,8 +3,8 @@
     .venv/bin/pip install -e '.[bench]'   # Scrapy is a benchmark-only dependency
     .venv/bin/python -m bench.scrape_vs_scrapy [--listings 10] [--details 50] [--concurrency 16]
 
-A local site (this process, a thread of its own) serves listing pages linking to detail pages with a
-schema.org Event each. kubearq: one worker process-worth of jobs (`WorkerService` with the built-in
+A local site (a process of its own, so neither scraper shares its GIL) serves listing pages linking to
+detail pages with a schema.org Event each. kubearq: one worker process-worth of jobs (`WorkerService` with the built-in
 jobs, max_jobs = concurrency, rate limit out of the way) into a private PostgreSQL and Redis. Scrapy: a
 spider following the same links and parsing the same JSON-LD, CONCURRENT_REQUESTS = concurrency, in a
 subprocess. Prints pages/s for both and the ratio (issue target: kubearq >= 1x Scrapy). kubearq does more
@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from ipaddress import ip_address
 from pathlib import Path
@@ -51,9 +51,8 @@ from kubearq.worker.settings import WorkerSettings
 from tests.services import PostgresServer, RedisServer, free_port
 
 
-def serve_site(port: int, listings: int, details: int) -> threading.Event:
-    """The local website, in a thread with its own loop (so it does not share the scrapers' loop)."""
-    stop = threading.Event()
+def serve_site(port: int, listings: int, details: int) -> None:
+    """The local website, alone in a child process: it must not share a GIL with either scraper."""
 
     async def listing(request: web.Request) -> web.Response:
         page = int(request.match_info["page"])
@@ -70,20 +69,11 @@ def serve_site(port: int, listings: int, details: int) -> threading.Event:
     async def robots(_: web.Request) -> web.Response:
         return web.Response(text="User-agent: *\nAllow: /\n")
 
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_get("/list/{page}", listing)
-        app.router.add_get("/events/{id}", detail)
-        app.router.add_get("/robots.txt", robots)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        await runner.cleanup()
-
-    threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
-    return stop
+    app = web.Application()
+    app.router.add_get("/list/{page}", listing)
+    app.router.add_get("/events/{id}", detail)
+    app.router.add_get("/robots.txt", robots)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 async def run_kubearq(site: str, port: int, listings: int, concurrency: int, redis_url: str, dsn: str) -> float:
@@ -162,6 +152,19 @@ def run_scrapy(site: str, listings: int, concurrency: int) -> float:
     return float(result["pages"]) / float(result["seconds"])
 
 
+async def wait_for_port(port: int) -> None:
+    for _ in range(200):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise RuntimeError(f"the site did not come up on port {port}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listings", type=int, default=10)
@@ -169,15 +172,18 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     port = free_port()
-    stop = serve_site(port, args.listings, args.details)
+    server = multiprocessing.get_context("spawn").Process(target=serve_site, args=(port, args.listings, args.details),
+                                                          daemon=True)
+    server.start()
     site = f"http://127.0.0.1:{port}"
+    await wait_for_port(port)
     try:
         with RedisServer() as redis_server, PostgresServer() as postgres:
             dsn = postgres.create_database("bench")
             ours = await run_kubearq(site, port, args.listings, args.concurrency, redis_server.url, dsn)
         theirs = run_scrapy(site, args.listings, args.concurrency)
     finally:
-        stop.set()
+        server.kill()
     pages = args.listings * (1 + args.details)
     print(f"site: {args.listings} listing + {args.listings * args.details} detail pages = {pages}, "
           f"concurrency {args.concurrency}")

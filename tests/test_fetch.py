@@ -7,6 +7,7 @@ in production.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 import ssl
@@ -18,6 +19,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from kubearq.worker.contract import FetchPolicy
 from kubearq.worker.fetch import (
@@ -511,3 +513,48 @@ async def test_a_name_that_does_not_resolve_is_not_retried(site: Website) -> Non
     assert not raised.value.retryable
     assert raised.value.message == (
         "could not fetch http://nowhere.test/: nowhere.test does not resolve (Name or service not known)")
+
+
+@contextlib.asynccontextmanager
+async def keep_alive_site(keepalive_seconds: float = 75.0) -> AsyncIterator[tuple[int, list[int]]]:
+    """A site that keeps connections open between requests; yields its port and each request's client port."""
+    peers: list[int] = []
+
+    async def page(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername")[1] if request.transport else -1)
+        return web.Response(text="<html><body>ok</body></html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{number}", page)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=keepalive_seconds)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1], peers
+    finally:
+        await runner.cleanup()
+
+
+def keep_alive_fetcher(port: int) -> Fetcher:
+    return Fetcher(FetchPolicy(obey_robots_txt=False), resolver=FakeResolver({"public.test": ["127.0.0.1"]}),
+                   extra_allowed=frozenset({(IPv4Address("127.0.0.1"), port)}))
+
+
+async def test_pages_of_one_site_reuse_kept_alive_connections() -> None:
+    async with keep_alive_site() as (port, peers), keep_alive_fetcher(port) as fetcher:
+        for number in range(5):
+            assert (await fetcher.fetch(f"http://public.test:{port}/{number}", timeout=5)).text.endswith("</html>")
+        assert len(set(peers)) == 1  # one connection, five requests
+        await asyncio.gather(*(fetcher.fetch(f"http://public.test:{port}/{number}", timeout=5)
+                               for number in range(4)))
+        assert len(set(peers)) <= 4
+        assert len(peers) == 9
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    async with keep_alive_site(keepalive_seconds=0.2) as (port, peers), keep_alive_fetcher(port) as fetcher:
+        await fetcher.fetch(f"http://public.test:{port}/1", timeout=5)
+        await asyncio.sleep(0.6)  # past the server's keep-alive timeout: it closes the idle connection
+        assert (await fetcher.fetch(f"http://public.test:{port}/2", timeout=5)).status == 200
+        assert len(set(peers)) == 2

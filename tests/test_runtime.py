@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -271,3 +272,39 @@ def test_function_name_clash_is_refused() -> None:
     jobs = load_user_jobs("tests.worker_jobs:WorkerSettings")
     with pytest.raises(ValueError, match="function names served twice: always_fails, deferred_three_times"):
         jobs.merge(JobSet(functions=jobs.functions))
+
+
+async def test_two_workers_claiming_from_one_queue_run_each_job_exactly_once(redis: ArqRedis, redis_url: str) -> None:
+    """Jobs are claimed in batches by a script (not ARQ's WATCH/MULTI per job): the rule must still hold."""
+    for number in range(300):
+        await redis.enqueue_job("echo", number, _job_id=f"once-{number}")
+    async with running_worker(redis_url, max_jobs=8) as first, running_worker(redis_url, max_jobs=8) as second:
+        await until(lambda: _finished_count(redis, 300), within=30, what="300 jobs finished")
+    ran = [event["job_id"] for event in await events(redis) if event["event"] == "ran"]
+    assert sorted(ran) == sorted(f"once-{number}" for number in range(300))  # each once, none lost
+    started = [service.metrics.jobs_started.labels("echo")._value.get() for service in (first, second)]
+    assert sum(started) == 300
+    assert min(started) > 0  # both took part
+
+
+async def _finished_count(redis: ArqRedis, count: int) -> bool:
+    return len([key async for key in redis.scan_iter("arq:result:once-*")]) >= count
+
+
+async def test_a_claim_skips_jobs_in_progress_elsewhere_not_yet_due_and_beyond_free_slots(
+        redis: ArqRedis, redis_url: str) -> None:
+    async with running_worker(redis_url, max_jobs=2) as service:
+        worker = service.worker
+        worker.allow_pick_jobs = False  # this test starts jobs by hand
+        await until(lambda: _true(not worker.tasks), what="an idle worker")
+        now_ms = int(time.time() * 1000)
+        await redis.zadd("arq:queue", {"held": now_ms - 10, "later": now_ms + 60_000, "a": now_ms - 5,
+                                       "b": now_ms - 4, "c": now_ms - 3})
+        for job_id in ("held", "later", "a", "b", "c"):
+            await redis.set(f"arq:job:{job_id}", b'{"t": 1, "f": "noop", "a": [], "k": {}, "et": 0}')
+        await redis.set("arq:in-progress:held", b"1", px=60_000)  # another worker runs it
+        await worker.start_jobs([b"held", b"later", b"a", b"b", b"c"])
+        assert sorted(worker.tasks) == ["a", "b"]  # two free slots: the first two it may take
+        assert await redis.exists("arq:in-progress:a", "arq:in-progress:b") == 2
+        assert not await redis.exists("arq:in-progress:c", "arq:in-progress:later")
+        await asyncio.gather(*worker.tasks.values())

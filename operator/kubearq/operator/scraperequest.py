@@ -113,7 +113,7 @@ class PageCounts(ApiModel):
     failed: Annotated[int, Field(ge=0)] = 0
     """Pages that failed every try."""
     deferred: Annotated[int, Field(ge=0)] = 0
-    """Pages waiting for the rate limit or a retry backoff."""
+    """Pages that had to wait (rate limit, retry backoff, an outage) and have not finished yet."""
 
 
 class FailedUrl(ApiModel):

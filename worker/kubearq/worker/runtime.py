@@ -38,6 +38,25 @@ from kubearq.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
+# Claim up to ARGV[4] of the given ids: those not in progress, still on the queue and due (ARQ's rule).
+_CLAIM = """
+local queue, prefix, ttl, now, free = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local claimed = {}
+for i = 5, #ARGV do
+  if #claimed >= 2 * free then break end
+  local id = ARGV[i]
+  if redis.call('EXISTS', prefix .. id) == 0 then
+    local score = redis.call('ZSCORE', queue, id)
+    if score and tonumber(score) <= now then
+      redis.call('PSETEX', prefix .. id, ttl, '1')
+      claimed[#claimed + 1] = id
+      claimed[#claimed + 1] = score
+    end
+  end
+end
+return claimed
+"""
+
 DEAD_LETTER_PREFIX = "kubearq:dead-letter:"
 DEAD_LETTER_SECONDS = 7 * 86_400
 FUNCTION_REGISTRY_SECONDS = 120
@@ -226,19 +245,28 @@ class KubearqWorker(Worker):
         await wait_or_timeout(self._slot_freed, self.poll_delay_s)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        # Running jobs stay at the head of the queue, and ARQ claims each due id with its own WATCH/MULTI
-        # round trip; polling often, that would re-check every running job every few milliseconds. Skip
-        # our own and, in one pipelined round trip, every id another worker holds.
-        candidates = [job_id for job_id in job_ids if job_id.decode() not in self.tasks]
-        if candidates:
-            async with self.pool.pipeline(transaction=False) as pipe:
-                for job_id in candidates:
-                    pipe.exists(in_progress_key_prefix + job_id.decode())
-                held = await pipe.execute()
-            candidates = [job_id for job_id, taken in zip(candidates, held, strict=True) if not taken]
-        running = len(self.tasks)
-        await super().start_jobs(candidates)
-        self._started_last_poll = len(self.tasks) - running
+        # ARQ claims each due id with WATCH, EXISTS, ZSCORE and MULTI/EXEC — four round trips per job, one
+        # job after the other: starting jobs capped a worker at a few hundred a second whatever max_jobs.
+        # One script claims as many as there are free slots, under the same rule (not in progress, still
+        # queued, due), and marks them in progress exactly as ARQ does.
+        candidates = [job_id.decode() for job_id in job_ids if job_id.decode() not in self.tasks]
+        free = self.max_jobs - self.job_counter
+        self._started_last_poll = 0
+        if not candidates or free <= 0:
+            return
+        claim = self.pool.register_script(_CLAIM)
+        reply = cast(list[bytes], await claim(
+            keys=[self.queue_name],
+            args=[in_progress_key_prefix, int(self.in_progress_timeout_s * 1000), int(time.time() * 1000), free,
+                  *candidates]))
+        for job_id_b, score in zip(reply[::2], reply[1::2], strict=True):
+            job_id = job_id_b.decode()
+            await self.sem.acquire()  # free: slots and the semaphore move together
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+        self._started_last_poll = len(reply) // 2
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()

@@ -135,26 +135,21 @@ def robots_refusal(rules: RobotsRules, url: str, user_agent: str) -> RobotsDisal
 
 # --- Progress in Redis ----------------------------------------------------------------------------------------
 
-# KEYS: deferred set, progress hash. ARGV: job id, the `<kind>_deferred` field, +1 or -1, key lifetime (s).
+# KEYS: deferred set, progress hash. ARGV: job id, the `<kind>_deferred` field, key lifetime (s).
 _COUNT_DEFERRED = """
-local changed
-if ARGV[3] == '1' then
-  changed = redis.call('SADD', KEYS[1], ARGV[1])
-else
-  changed = redis.call('SREM', KEYS[1], ARGV[1])
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
-if changed == 1 then
-  redis.call('HINCRBY', KEYS[2], ARGV[2], tonumber(ARGV[3]))
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-end
-return changed
 """
 
-# KEYS: finished hash, progress hash, failures list, the job's outage streak.
+# KEYS: finished hash, progress hash, failures list, the job's outage streak, the deferred set.
 # ARGV: job id, outcome (done|failed), kind, failure JSON, failures kept, key lifetime (s).
-# A page counts once; should a re-run end differently (failed, then done), the count moves.
+# A page counts once; should a re-run end differently (failed, then done), the count moves. A page that
+# waited is counted deferred until it ends here (not when it runs again: that was a round trip per page).
 _FINISH = """
 redis.call('DEL', KEYS[4])
+if redis.call('SREM', KEYS[5], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[3] .. '_deferred', -1) end
 local previous = redis.call('HGET', KEYS[1], ARGV[1])
 if previous == ARGV[2] then return 0 end
 if previous then redis.call('HINCRBY', KEYS[2], ARGV[3] .. '_' .. previous, -1) end
@@ -177,25 +172,19 @@ class PageProgress:
     kind: PageKind
     job_id: str
 
-    async def _count_deferred(self, change: Literal[1, -1]) -> None:
+    async def deferred(self) -> None:
+        """The job waits (for a token, Firecrawl or PostgreSQL) without spending a try; it counts as
+        deferred until it finishes."""
         script = self.redis.register_script(_COUNT_DEFERRED)
         await script(keys=[deferred_key(self.request_uid), progress_key(self.request_uid)],
-                     args=[self.job_id, f"{self.kind}_deferred", change, MARKER_SECONDS])
-
-    async def resumed(self) -> None:
-        """The job runs again: it no longer waits."""
-        await self._count_deferred(-1)
-
-    async def deferred(self) -> None:
-        """The job waits (for a token, Firecrawl or PostgreSQL) without spending a try."""
-        await self._count_deferred(1)
+                     args=[self.job_id, f"{self.kind}_deferred", MARKER_SECONDS])
 
     async def finished(self, outcome: Outcome, url: str = "", error: str = "", tries: int = 0) -> None:
         failure = json.dumps({"url": url, "error": error, "tries": tries}) if outcome == "failed" else ""
         script = self.redis.register_script(_FINISH)
         await script(
             keys=[finished_key(self.request_uid), progress_key(self.request_uid), failures_key(self.request_uid),
-                  outages_key(self.job_id)],
+                  outages_key(self.job_id), deferred_key(self.request_uid)],
             args=[self.job_id, outcome, self.kind, failure, FAILURES_SHOWN, MARKER_SECONDS],
         )
 
@@ -308,7 +297,6 @@ async def _run(ctx: dict[str, Any], raw_page: dict[str, Any], kind: PageKind) ->
     request = job.request
     progress = PageProgress(ctx["redis"], request.uid, kind, job_id)
     with log_context(namespace=request.namespace, name=request.name, url=redact_url(job.url), page_kind=kind):
-        await progress.resumed()
         defer: Defer
         try:
             fetched = await _fetch(resources, job, job_try)
