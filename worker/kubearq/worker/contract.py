@@ -6,6 +6,7 @@ The operator imports only this module from the worker. The scrape settings below
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -74,6 +75,7 @@ def check_regex(pattern: str) -> str:
     return pattern
 
 
+@functools.lru_cache(maxsize=4096)  # every page job of a request carries the same selectors
 def check_css_selector(selector: str) -> str:
     """Refuse selectors the HTML parser cannot parse, so a typo fails at apply time, not per page."""
     from selectolax.lexbor import LexborHTMLParser, SelectolaxError

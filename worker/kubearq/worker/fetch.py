@@ -519,7 +519,7 @@ class Fetcher:
     ) -> _Response:
         """GET `requested`, following redirects; each hop checked before it is sent. Body read on 2xx only."""
         current, previous = requested, None
-        seen = [_without_fragment(requested)]
+        seen: list[str] = []  # normalized on the first redirect: most fetches have none
         for hop in range(max_redirects + 1):
             refusal = self._network.check_url(current)
             if refusal is not None:
@@ -538,6 +538,7 @@ class Fetcher:
                         raise FetchError(requested, (
                             f"{redact_url(current)} redirected to an invalid URL {location!r} ({error})"
                         ), retryable=False) from None
+                    seen = seen or [_without_fragment(requested)]
                     if _without_fragment(target) in seen:
                         chain = " → ".join(redact_url(u) for u in [*seen, target])
                         raise TooManyRedirectsError(requested, f"gave up on {redact_url(requested)}: "

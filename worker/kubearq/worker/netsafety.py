@@ -261,6 +261,8 @@ def _same_address(text: str, ip: IPAddress) -> bool:
 
 def redact_url(url: str) -> str:
     """The URL as shown to users: credentials, if any, replaced by `***`."""
+    if "@" not in url:  # no user info without one (called for every page's log context)
+        return url
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:
