@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from tests.emulator import k8s  # noqa: F401
+from tests.scheduling import serving_redis  # noqa: F401
 from tests.services import PostgresServer, RedisServer
 
 

@@ -19,11 +19,11 @@ from kubearq.operator.scheduler import tick_job_id
 from kubearq.operator.schedules import ArmedTick, advance_schedule, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.writer import StatusWriter
-from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import deserialize, function_registry_key
+from kubearq.worker.contract import deserialize
 from kubearq.worker.queueing import NewJob
 from tests.emulator import KubernetesUnderTest
 from tests.polling import until
+from tests.scheduling import Clock
 
 T0 = datetime(2026, 11, 24, 10, 0, 30, tzinfo=UTC)
 KEY = ("SyncSchedule", "default", "nightly")
@@ -102,24 +102,13 @@ async def holds(value: object) -> bool:
     return bool(value)
 
 
-class Clock:
-    def __init__(self, moment: datetime) -> None:
-        self.moment = moment
-
-    def __call__(self) -> datetime:
-        return self.moment
-
-
 async def enqueued(redis: ArqRedis, uid: str, tick: datetime) -> bool:
     return bool(await redis.exists(f"arq:job:{tick_job_id(uid, tick)}"))
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[ArqRedis]:
-    client = create_redis(redis_url)
-    await client.hset(function_registry_key("arq:queue"), "sync_connections", str(2**40))  # type: ignore[misc]
-    yield client
-    await client.aclose()
+def redis(serving_redis: ArqRedis) -> ArqRedis:
+    return serving_redis
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -19,27 +18,15 @@ from kubearq.operator.scheduler import tick_job_id
 from kubearq.operator.schedules import keep_history, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.syncschedule import ScheduleRun
-from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import function_registry_key
 from tests.emulator import KubernetesUnderTest
+from tests.scheduling import Clock
 
 T0 = datetime(2026, 11, 24, 10, 0, 30, tzinfo=UTC)
 
 
-class Clock:
-    def __init__(self, moment: datetime) -> None:
-        self.moment = moment
-
-    def __call__(self) -> datetime:
-        return self.moment
-
-
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[ArqRedis]:
-    client = create_redis(redis_url)
-    await client.hset(function_registry_key("arq:queue"), "sync_connections", str(2**40))  # type: ignore[misc]
-    yield client
-    await client.aclose()
+def redis(serving_redis: ArqRedis) -> ArqRedis:
+    return serving_redis
 
 
 def context(k8s: KubernetesUnderTest, redis: ArqRedis, clock: Clock, *, leader: bool = True) -> OperatorContext:
