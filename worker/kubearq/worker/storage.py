@@ -400,11 +400,14 @@ class Storage:
         item_type: str,
     ) -> None:
         """Make ``items`` the stored items of page ``url``, replacing any from an earlier run; clear its failure."""
-        async with self._connection("store_page_items") as connection, connection.transaction():
-            if items:
-                # Rows in item order, so concurrent runs of one page lock them in the same order.
-                await connection.execute(
-                    """
+        # One statement (one round trip, atomic on its own) instead of BEGIN, three statements and COMMIT,
+        # which were a fifth of a scraped page's CPU. The deletes read a count of the upserted rows first
+        # (an InitPlan), so the upsert runs to its end before them: rows are locked in item order, then the
+        # stale ones, as the earlier transaction did; concurrent runs of a page cannot deadlock.
+        async with self._connection("store_page_items") as connection:
+            await connection.execute(
+                """
+                WITH upserted AS (
                     INSERT INTO scrape_items
                         (request_uid, url, namespace, request_name, item_index, item_type, data, scraped_at)
                     SELECT $1, $2, $3, $4, position - 1, $5, item, now()
@@ -416,22 +419,23 @@ class Storage:
                         item_type = EXCLUDED.item_type,
                         data = EXCLUDED.data,
                         scraped_at = EXCLUDED.scraped_at
-                    """,
-                    request.uid,
-                    url,
-                    request.namespace,
-                    request.name,
-                    item_type,
-                    [dict(item) for item in items],
+                    RETURNING item_index
+                ), stored AS (
+                    SELECT count(*) AS items FROM upserted
+                ), stale AS (
+                    DELETE FROM scrape_items
+                    WHERE request_uid = $1 AND url = $2 AND item_index >= (SELECT items FROM stored)
+                    RETURNING 1
                 )
-            await connection.execute(
-                "DELETE FROM scrape_items WHERE request_uid = $1 AND url = $2 AND item_index >= $3",
+                DELETE FROM scrape_failures
+                WHERE request_uid = $1 AND url = $2 AND (SELECT items FROM stored) >= 0
+                """,
                 request.uid,
                 url,
-                len(items),
-            )
-            await connection.execute(
-                "DELETE FROM scrape_failures WHERE request_uid = $1 AND url = $2", request.uid, url
+                request.namespace,
+                request.name,
+                item_type,
+                [dict(item) for item in items],
             )
 
     async def record_failure(self, request: RequestRef, url: str, page_kind: PageKind, error: str, tries: int) -> None:
