@@ -505,6 +505,10 @@ class Fetcher:
         """The robots.txt rules governing `url`, from the cache or fetched (no deadline of its own)."""
         return await self._robots.get(origin_key(url), lambda: self._load_robots(url))
 
+    def cached_robots_rules(self, url: str) -> RobotsRules | None:
+        """The cached rules for `url`'s origin, if fresh (no fetch, no await)."""
+        return self._robots.cached(origin_key(url))
+
     async def _follow(
         self, requested: str, *, max_redirects: int, obey_robots: bool, accept: frozenset[str] | None,
         max_bytes: int, truncate: bool,

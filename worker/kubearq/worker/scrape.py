@@ -356,9 +356,11 @@ async def _fetch(resources: ScrapeResources, job: PageJob, job_try: int) -> Page
 async def _check_robots(
     fetcher: Fetcher, url: str, user_agent: str, timeout: float,  # noqa: ASYNC109 - becomes a FetchTimeoutError
 ) -> None:
+    rules = fetcher.cached_robots_rules(url)  # the common case: no deadline to arm for a cache hit
     try:
-        async with asyncio.timeout(timeout):
-            rules = await fetcher.robots_rules(url)
+        if rules is None:
+            async with asyncio.timeout(timeout):
+                rules = await fetcher.robots_rules(url)
     except TimeoutError:
         raise FetchTimeoutError(url, (
             f"gave up on {redact_url(url)} after {timeout:g} s: its robots.txt did not arrive within this try's "
