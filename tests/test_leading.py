@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -102,6 +103,17 @@ async def holds(value: object) -> bool:
     return bool(value)
 
 
+@contextlib.asynccontextmanager
+async def leading(ctx: OperatorContext, store: ResourceStore) -> AsyncIterator[None]:
+    """The leader's loop over `store`, running until the block ends."""
+    loop = asyncio.create_task(lead(ctx, store, {"SyncSchedule": reconcile_schedule}))
+    try:
+        yield
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
 async def enqueued(redis: ArqRedis, uid: str, tick: datetime) -> bool:
     return bool(await redis.exists(f"arq:job:{tick_job_id(uid, tick)}"))
 
@@ -170,9 +182,8 @@ async def test_a_tick_is_enqueued_on_time_while_the_last_ticks_status_is_still_b
     ctx = context(slow_api, redis, clock)
     store = ResourceStore()
     store.observe("SyncSchedule", "ADDED", await create(k8s))
-    leading = asyncio.create_task(lead(ctx, store, {"SyncSchedule": reconcile_schedule}))
     uid = store.objects[("SyncSchedule", k8s.namespace, "nightly")]["metadata"]["uid"]
-    try:
+    async with leading(ctx, store):
         await until(lambda: holds(slow_api.status_writes == 1), what="the first pass's status write")
         slow_api.delay = 5.0  # the API server is slow from now on
         clock.moment = datetime(2026, 11, 24, 10, 1, tzinfo=UTC)
@@ -184,9 +195,6 @@ async def test_a_tick_is_enqueued_on_time_while_the_last_ticks_status_is_still_b
         assert ctx.metrics.duplicate_enqueues.labels(source="schedule")._value.get() == 0
         await until(lambda: holds(store.objects[("SyncSchedule", k8s.namespace, "nightly")]["status"].get(
             "lastScheduleTime") == "2026-11-24T10:02:00Z"), within=15, what="the status write of 10:02")
-    finally:
-        leading.cancel()
-        await asyncio.gather(leading, return_exceptions=True)
 
 
 def armed_tick(tick: datetime, deadline: int | None = None) -> ArmedTick:
@@ -226,8 +234,7 @@ async def test_a_spec_change_after_arming_enqueues_the_new_job_not_the_armed_one
     store = ResourceStore()
     store.observe("SyncSchedule", "ADDED", await create(k8s))
     key = ("SyncSchedule", k8s.namespace, "nightly")
-    leading = asyncio.create_task(lead(ctx, store, {"SyncSchedule": reconcile_schedule}))
-    try:
+    async with leading(ctx, store):
         await until(lambda: holds(slow_api.status_writes == 1), what="the first pass (arms 10:01)")
         changed = await k8s.api.patch(SYNC_SCHEDULES, "nightly", {"spec": {"job": {"function": "compact"}}},
                                       namespace=k8s.namespace, timeout=10)
@@ -235,9 +242,6 @@ async def test_a_spec_change_after_arming_enqueues_the_new_job_not_the_armed_one
         store.observe("SyncSchedule", "MODIFIED", changed)
         uid = str(changed["metadata"]["uid"])
         await until(lambda: enqueued(redis, uid, clock.moment), within=3, what="10:01")
-    finally:
-        leading.cancel()
-        await asyncio.gather(leading, return_exceptions=True)
     payload = deserialize(cast(bytes, await redis.get(f"arq:job:{tick_job_id(uid, clock.moment)}")))
     assert payload["f"] == "compact"
     assert key in store.objects

@@ -40,7 +40,7 @@ from kubearq.operator.syncschedule import (
 )
 from kubearq.worker.connections import TRANSIENT_ERRORS
 from kubearq.worker.contract import function_registry_key
-from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, enqueue_many, remove_queued
+from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, remove_queued
 
 logger = logging.getLogger(__name__)
 
@@ -353,14 +353,14 @@ async def fire_armed(ctx: OperatorContext, armed: Sequence[ArmedTick]) -> dict[s
     for (queue, remember), ticks in groups.items():
         ctx.ensure_leader()
         try:
-            added = set(await enqueue_many(ctx.redis, queue, [tick.job for tick in ticks], remember_ms=remember))
+            verdicts = await ctx.enqueuer.call((queue, remember), [tick.job for tick in ticks])  # no waiting to batch
         except TRANSIENT_ERRORS as error:
             ctx.metrics.count_error("enqueue")
             logger.warning("could not enqueue %d ticks on %s: %s; their passes retry", len(ticks), queue, error)
             continue
         moment = ctx.now()
-        for tick in ticks:
-            count_enqueue(ctx, queue, tick.job.job_id, tick.tick, tick.job.job_id in added)
+        for tick, added in zip(ticks, verdicts, strict=True):
+            count_enqueue(ctx, queue, tick.job.job_id, tick.tick, added)
             fired[tick.job.job_id] = moment
     return fired
 
