@@ -28,6 +28,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from arq.jobs import Job
 from arq.typing import StartupShutdown
 from arq.worker import Function, Retry, Worker
+from redis.commands.core import AsyncScript
 
 from kubearq.worker.aio import stop_task, wait_or_timeout
 from kubearq.worker.connections import TRANSIENT_ERRORS
@@ -203,6 +204,7 @@ class KubearqWorker(Worker):
         self._slot_freed = asyncio.Event()
         self._started_last_poll = 0
         self._draining: set[str] = set()
+        self._claim: AsyncScript | None = None
         self._last_abort_check = 0.0
         self._stopping = False
         self._closing = asyncio.Event()
@@ -249,13 +251,14 @@ class KubearqWorker(Worker):
         # job after the other: starting jobs capped a worker at a few hundred a second whatever max_jobs.
         # One script claims as many as there are free slots, under the same rule (not in progress, still
         # queued, due), and marks them in progress exactly as ARQ does.
-        candidates = [job_id.decode() for job_id in job_ids if job_id.decode() not in self.tasks]
+        candidates = [job_id for job_id in (raw.decode() for raw in job_ids) if job_id not in self.tasks]
         free = self.max_jobs - self.job_counter
         self._started_last_poll = 0
         if not candidates or free <= 0:
             return
-        claim = self.pool.register_script(_CLAIM)
-        reply = cast(list[bytes], await claim(
+        if self._claim is None:  # registered once: the worker polls continuously while busy
+            self._claim = self.pool.register_script(_CLAIM)
+        reply = cast(list[bytes], await self._claim(
             keys=[self.queue_name],
             args=[in_progress_key_prefix, int(self.in_progress_timeout_s * 1000), int(time.time() * 1000), free,
                   *candidates]))
