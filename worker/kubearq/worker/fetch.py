@@ -1,10 +1,10 @@
 """The page fetcher of the scrape pipeline: safe by default, capped in size and time.
 
 Every hop of a fetch is checked before it is sent (scheme, credentials, internal names, literal
-addresses; see `netsafety`), and every connection goes through `SafeNetworkBackend`, which resolves the
-host once, checks every address and connects to the checked address itself, so DNS rebinding
-cannot slip a private address in between. Redirects are followed here, not by httpx, so each hop's
-URL and robots.txt are checked before its connection is made.
+addresses; see `netsafety`), and every connection is made by `safehttp`'s session, which resolves the
+host once, checks every address and connects to the checked addresses, so DNS rebinding cannot slip a
+private address in between. Redirects are followed here, not by the HTTP client, so each hop's URL and
+robots.txt are checked before its connection is made.
 
 Redirects from https to http are followed, as browsers do: the fetch carries no credentials or cookies,
 a user may list http URLs directly, and every hop is still checked. Proxies from the environment are
@@ -17,24 +17,21 @@ import asyncio
 import codecs
 import logging
 import re
-import socket
 import ssl
 import time
-import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
-from ipaddress import ip_address
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Self
 
-import httpcore
+import aiohttp
 import httpx
 
 from kubearq.worker.contract import FetchPolicy
-from kubearq.worker.netsafety import Endpoint, IPAddress, NetworkPolicy, Refusal, parse_host, redact_url
+from kubearq.worker.netsafety import Endpoint, NetworkPolicy, Refusal, redact_url
 from kubearq.worker.robots import (
     ROBOTS_MAX_BYTES,
     ROBOTS_MAX_REDIRECTS,
@@ -46,13 +43,23 @@ from kubearq.worker.robots import (
     rules_unavailable,
     rules_unreachable,
 )
+from kubearq.worker.safehttp import (
+    ACCEPT_ENCODING,
+    AddressRefusedError,
+    BodyTooLargeError,
+    NameNotResolvedError,
+    Resolver,
+    SystemResolver,
+    checked_target,
+    is_certificate_error,
+    read_capped,
+    safe_session,
+)
 
 logger = logging.getLogger(__name__)
 
 PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 MAX_REDIRECTS = 10
-KEEPALIVE_SECONDS = 5.0  # an idle connection older than this is closed, not reused (httpx's default)
-MAX_IDLE_PER_ORIGIN = 32
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _ACCEPT = "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5"
 
@@ -123,231 +130,7 @@ class Page:
     """Seconds from the start of the fetch to the end of the body, redirects and robots.txt included."""
 
 
-# --- Connections: resolve once, check every address, connect to the checked one ------------------
-
-
-class Resolver(Protocol):
-    """Resolves a host name to the addresses a connection may go to."""
-
-    async def resolve(self, host: str, port: int) -> Sequence[IPAddress]: ...
-
-
-class SystemResolver:
-    """getaddrinfo, without the DNS search path unless private networks are allowed.
-
-    In a pod, `redis.default` is looked up as `redis.default.<ns>.svc.cluster.local` first (ndots:5);
-    resolving the absolute name (`redis.default.`) keeps user URLs out of the cluster's namespace.
-    """
-
-    def __init__(self, *, use_search_domains: bool = False) -> None:
-        self._use_search_domains = use_search_domains
-
-    async def resolve(self, host: str, port: int) -> Sequence[IPAddress]:
-        name = host if self._use_search_domains else host.rstrip(".") + "."
-        infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
-        return list(dict.fromkeys(ip_address(info[4][0]) for info in infos))
-
-
-class _AddressRefusedError(Exception):
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal.why)
-        self.refusal = refusal
-
-
-class _NameNotResolvedError(Exception):
-    def __init__(self, host: str, detail: str, *, retryable: bool) -> None:
-        super().__init__(f"{host} does not resolve ({detail})")
-        self.retryable = retryable
-
-
-class SafeNetworkBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend, connecting only to addresses the network policy allows.
-
-    httpcore passes the URL's host here and the same host separately as TLS server_hostname,
-    so SNI, certificate checks and the Host header are unaffected by connecting to an address.
-    """
-
-    def __init__(
-        self, network: NetworkPolicy, resolver: Resolver, inner: httpcore.AsyncNetworkBackend | None = None,
-    ) -> None:
-        self._network = network
-        self._resolver = resolver
-        self._inner = inner or httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = await self._addresses(host, port)
-        for address in addresses:
-            refusal = self._network.check_address(host, address, port)
-            if refusal is not None:
-                raise _AddressRefusedError(refusal)
-        error: httpcore.ConnectError | None = None
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(
-                    str(address), port, timeout=timeout, local_address=local_address, socket_options=socket_options,
-                )
-            except httpcore.ConnectError as failure:
-                error = failure
-        assert error is not None
-        raise error
-
-    async def _addresses(self, host: str, port: int) -> Sequence[IPAddress]:
-        target = parse_host(host)
-        if not isinstance(target, str):
-            return [target]
-        try:
-            addresses = await self._resolver.resolve(target, port)
-        except socket.gaierror as error:
-            permanent = error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
-            raise _NameNotResolvedError(target, str(error.strerror or error), retryable=not permanent) from error
-        except OSError as error:
-            raise _NameNotResolvedError(target, str(error), retryable=True) from error
-        if not addresses:
-            raise _NameNotResolvedError(target, "no addresses", retryable=False)
-        return addresses
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError(f"unix sockets are never fetched ({path})")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, stream: Iterable[bytes] | AsyncIterable[bytes], on_close: Callable[[], None]) -> None:
-        assert isinstance(stream, AsyncIterable)
-        self._stream: AsyncIterable[bytes] = stream
-        self._on_close: Callable[[], None] | None = on_close
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self._stream:
-            yield part
-
-    async def aclose(self) -> None:
-        aclose = getattr(self._stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        on_close, self._on_close = self._on_close, None
-        if on_close is not None:  # the connection is idle again (or closed, if the body was not read)
-            on_close()
-
-
-class _SafeTransport(httpx.AsyncBaseTransport):
-    """httpx's transport over httpcore connections opened by our network backend.
-
-    httpx 0.28's AsyncHTTPTransport takes no `network_backend`, so this does its request/response
-    translation itself. It keeps its own idle connections per origin instead of httpcore's pool: that
-    pool checks every connection it holds (a poll() each) on every request, which was 44% of a fetch's
-    CPU at 16 connections. Here a request looks at one idle connection of its origin, newest first.
-    httpcore's own exceptions pass through; the fetcher maps them.
-    """
-
-    def __init__(self, backend: httpcore.AsyncNetworkBackend, ssl_context: ssl.SSLContext | None) -> None:
-        self._backend = backend
-        self._ssl_context = ssl_context
-        self._idle: dict[tuple[bytes, bytes, int | None], list[httpcore.AsyncHTTPConnection]] = {}
-
-    def _take(self, origin: tuple[bytes, bytes, int | None]) -> httpcore.AsyncHTTPConnection:
-        idle = self._idle.get(origin, [])
-        while idle:
-            connection = idle.pop()
-            if connection.is_idle() and not connection.has_expired():
-                return connection
-            self._discard(connection)
-        scheme, host, port = origin
-        return httpcore.AsyncHTTPConnection(
-            httpcore.Origin(scheme, host, port if port is not None else (443 if scheme == b"https" else 80)),
-            ssl_context=self._ssl_context, keepalive_expiry=KEEPALIVE_SECONDS, network_backend=self._backend)
-
-    def _give_back(self, origin: tuple[bytes, bytes, int | None], connection: httpcore.AsyncHTTPConnection) -> None:
-        idle = self._idle.setdefault(origin, [])
-        if connection.is_idle() and len(idle) < MAX_IDLE_PER_ORIGIN:
-            idle.append(connection)
-        else:
-            self._discard(connection)
-
-    def _discard(self, connection: httpcore.AsyncHTTPConnection) -> None:
-        task = asyncio.ensure_future(connection.aclose())
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # closing is best effort
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        origin = (request.url.raw_scheme, request.url.raw_host, request.url.port)
-        connection = self._take(origin)
-        try:
-            response = await connection.handle_async_request(httpcore.Request(
-                method=request.method,
-                url=httpcore.URL(scheme=origin[0], host=origin[1], port=origin[2], target=request.url.raw_path),
-                headers=request.headers.raw,
-                content=request.stream,
-                extensions=request.extensions,
-            ))
-        except BaseException:
-            self._discard(connection)
-            raise
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response.stream, on_close=lambda: self._give_back(origin, connection)),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        idle = [connection for connections in self._idle.values() for connection in connections]
-        self._idle.clear()
-        await asyncio.gather(*(connection.aclose() for connection in idle), return_exceptions=True)
-
-
-# --- Bodies: bounded reading, decompression and decoding -------------------------------------------
-
-
-class _Decompressor:
-    """Content-Encoding decoding that never produces more than asked (a gzip bomb stops at the cap)."""
-
-    def __init__(self, content_encoding: str) -> None:
-        self.encoding = content_encoding.strip().lower()
-        self._first = True
-        self._inflater: zlib._Decompress | None
-        if self.encoding in ("", "identity"):
-            self._inflater = None
-        elif self.encoding in ("gzip", "x-gzip"):
-            self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
-        elif self.encoding == "deflate":
-            self._inflater = zlib.decompressobj()
-        else:
-            raise ValueError(f"the server sent Content-Encoding {self.encoding!r}, which we did not ask for")
-
-    def decompress(self, data: bytes, max_length: int) -> bytes:
-        """At most `max_length` bytes of output (all of the input is consumed unless that is reached)."""
-        if self._inflater is None:
-            return data
-        first, self._first = self._first, False
-        try:
-            return self._inflater.decompress(data, max_length)
-        except zlib.error as error:
-            if not (first and self.encoding == "deflate"):
-                raise ValueError(f"the {self.encoding} body is corrupt ({error})") from error
-        # Some servers send raw deflate without the zlib header that RFC 9110 asks for.
-        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        try:
-            return self._inflater.decompress(data, max_length)
-        except zlib.error as error:
-            raise ValueError(f"the deflate body is corrupt ({error})") from error
-
-    def flush(self) -> bytes:
-        """Whatever output the decoder still holds at the end of the body."""
-        return b"" if self._inflater is None else self._inflater.flush()
+# --- Bodies: decoding -----------------------------------------------------------------------------
 
 
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
@@ -421,7 +204,7 @@ def parse_retry_after(value: str, now: datetime) -> float | None:
 class _Response:
     url: str
     status: int
-    headers: httpx.Headers
+    headers: Mapping[str, str]
     body: bytes
 
 
@@ -451,11 +234,10 @@ class Fetcher:
         self._network = NetworkPolicy(policy.allow_private_networks, extra_allowed)
         self._robots = RobotsCache() if robots_cache is None else robots_cache
         self._now = now
-        resolver = resolver or SystemResolver(use_search_domains=policy.allow_private_networks)
-        # httpx's Client adds nothing a fetch wants (redirects, cookies, auth and proxies are ours or refused)
-        # and costs a URL parse and its hooks per request: requests go to the transport directly.
-        self._transport = _SafeTransport(SafeNetworkBackend(self._network, resolver), ssl_context)
-        self._headers = {"User-Agent": policy.user_agent, "Accept-Encoding": "gzip, deflate", "Accept": _ACCEPT}
+        self._resolver = resolver or SystemResolver(use_search_domains=policy.allow_private_networks)
+        self._ssl_context = ssl_context
+        self._session: aiohttp.ClientSession | None = None  # made on first use: it needs the running loop
+        self._headers = {"User-Agent": policy.user_agent, "Accept-Encoding": ACCEPT_ENCODING, "Accept": _ACCEPT}
 
     async def __aenter__(self) -> Self:
         return self
@@ -463,7 +245,9 @@ class Fetcher:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None,
     ) -> None:
-        await self._transport.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def fetch(
         self,
@@ -524,12 +308,12 @@ class Fetcher:
                 await self._check_robots(requested, current, previous)
             response = await self._send(requested, current, previous)
             try:
-                location = response.headers.get("location")
-                if response.status_code in _REDIRECTS and location:
+                location = response.headers.get("Location")
+                if response.status in _REDIRECTS and location:
                     try:
                         # An absolute Location is kept as sent, so a refusal quotes what the server said.
                         absolute = bool(httpx.URL(location).scheme)
-                        target = location if absolute else str(response.url.join(location))
+                        target = location if absolute else str(httpx.URL(current).join(location))
                     except httpx.InvalidURL as error:
                         raise FetchError(requested, (
                             f"{redact_url(current)} redirected to an invalid URL {location!r} ({error})"
@@ -548,40 +332,34 @@ class Fetcher:
                     current, previous = target, current
                     continue
                 body = b""
-                if 200 <= response.status_code < 300:
+                if 200 <= response.status < 300:
                     self._check_content_type(requested, current, response, accept)
                     body = await self._read_body(requested, current, response, max_bytes, truncate=truncate)
-                return _Response(current, response.status_code, response.headers, body)
+                return _Response(current, response.status, response.headers, body)
             finally:
-                await response.aclose()
+                response.release()  # back to the pool if the body was read to its end, else closed
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
-    async def _send(self, requested: str, url: str, previous: str | None) -> httpx.Response:
+    async def _send(self, requested: str, url: str, previous: str | None) -> aiohttp.ClientResponse:
         """Send one GET, turning connection-level failures into `FetchError`s that name the URL."""
+        if self._session is None:
+            self._session = safe_session(self._network, self._resolver, self._ssl_context)
         try:
-            request = httpx.Request("GET", url, headers=self._headers)
-            response = await self._transport.handle_async_request(request)
-            response.request = request
-            return response
-        except _AddressRefusedError as error:
+            return await self._session.get(checked_target(self._network, url), headers=self._headers,
+                                           allow_redirects=False)
+        except AddressRefusedError as error:
             raise UnsafeUrlError(requested, error.refusal, url, via=previous) from None
-        except _NameNotResolvedError as error:
+        except NameNotResolvedError as error:
             raise FetchError(requested, f"could not fetch {redact_url(url)}: {error}",
                              retryable=error.retryable) from None
-        except (httpcore.TimeoutException, httpx.TimeoutException) as error:
-            raise FetchError(requested, f"could not fetch {redact_url(url)}: timed out ({type(error).__name__})",
-                             retryable=True) from None
-        except (httpcore.NetworkError, httpcore.RemoteProtocolError, httpx.TransportError) as error:
-            # A certificate that does not verify will not verify on the next try either. httpcore's pool
-            # re-raises `from None`, which clears __cause__ but keeps __context__.
-            permanent = isinstance(error.__cause__ or error.__context__, ssl.SSLCertVerificationError)
+        except (aiohttp.ClientError, OSError) as error:
             raise FetchError(requested, f"could not fetch {redact_url(url)}: {error or type(error).__name__}",
-                             retryable=not permanent) from None
+                             retryable=not is_certificate_error(error)) from None
 
     def _check_content_type(
-        self, requested: str, url: str, response: httpx.Response, accept: frozenset[str] | None,
+        self, requested: str, url: str, response: aiohttp.ClientResponse, accept: frozenset[str] | None,
     ) -> None:
-        kind = media_type(response.headers.get("content-type"))
+        kind = media_type(response.headers.get("Content-Type"))
         if accept is None or not kind or kind in accept:
             return
         raise UnsupportedContentTypeError(requested, (
@@ -589,40 +367,18 @@ class Fetcher:
         ), retryable=False)
 
     async def _read_body(
-        self, requested: str, url: str, response: httpx.Response, max_bytes: int, *, truncate: bool,
+        self, requested: str, url: str, response: aiohttp.ClientResponse, max_bytes: int, *, truncate: bool,
     ) -> bytes:
         """Read at most `max_bytes` (on the wire and decoded); beyond it fail, or cut off when `truncate`."""
-        declared = response.headers.get("content-length", "")
-        if not truncate and declared.isdigit() and int(declared) > max_bytes:
-            raise self._too_large(requested, url, f"it declares {int(declared)} bytes")
         try:
-            decompressor = _Decompressor(response.headers.get("content-encoding", ""))
+            return await read_capped(response, max_bytes, truncate=truncate)
+        except BodyTooLargeError as error:
+            raise self._too_large(requested, url, str(error)) from None
         except ValueError as error:
             raise FetchError(requested, f"could not read {redact_url(url)}: {error}", retryable=False) from None
-        parts: list[bytes] = []
-        size = wire = 0
-        try:
-            async for chunk in response.aiter_raw():
-                wire += len(chunk)
-                data = decompressor.decompress(chunk, max_bytes - size + 1)
-                size += len(data)
-                if size <= max_bytes and wire <= max_bytes:
-                    parts.append(data)
-                    continue
-                if not truncate:
-                    raise self._too_large(requested, url, f"more than {max_bytes} bytes arrived")
-                parts.append(data[: max(0, len(data) - (size - max_bytes))])
-                return b"".join(parts)
-            tail = decompressor.flush()
-            if size + len(tail) > max_bytes and not truncate:
-                raise self._too_large(requested, url, f"more than {max_bytes} bytes arrived")
-            parts.append(tail[: max(0, max_bytes - size)])
-        except ValueError as error:
-            raise FetchError(requested, f"could not read {redact_url(url)}: {error}", retryable=False) from None
-        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError) as error:
+        except (aiohttp.ClientError, OSError) as error:
             raise FetchError(requested, f"could not read {redact_url(url)}: {error or type(error).__name__}",
                              retryable=True) from None
-        return b"".join(parts)
 
     def _too_large(self, requested: str, url: str, detail: str) -> ResponseTooLargeError:
         limit = self.policy.max_response_bytes

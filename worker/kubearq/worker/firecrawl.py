@@ -10,6 +10,7 @@ still read by the worker itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -23,8 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-import httpcore
-import httpx
+import aiohttp
 from pydantic import SecretStr
 
 from kubearq.worker.contract import FetchPolicy, FirecrawlBackend
@@ -33,16 +33,22 @@ from kubearq.worker.fetch import (
     FetchTimeoutError,
     HttpStatusError,
     Page,
-    Resolver,
     ResponseTooLargeError,
-    SafeNetworkBackend,
-    SystemResolver,
     UnsafeUrlError,
-    _AddressRefusedError,
-    _SafeTransport,
     parse_retry_after,
 )
 from kubearq.worker.netsafety import Endpoint, NetworkPolicy, redact_url
+from kubearq.worker.safehttp import (
+    ACCEPT_ENCODING,
+    AddressRefusedError,
+    BodyTooLargeError,
+    NameNotResolvedError,
+    Resolver,
+    SystemResolver,
+    checked_target,
+    read_capped,
+    safe_session,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +147,7 @@ class FirecrawlClient:
         self._extra_allowed = extra_allowed
         self._ssl_context = ssl_context
         self._now = now
-        self._clients: dict[bool, httpx.AsyncClient] = {}
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
 
     async def __aenter__(self) -> Self:
         return self
@@ -152,23 +158,17 @@ class FirecrawlClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        clients, self._clients = self._clients, {}
-        for client in clients.values():
-            await client.aclose()
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
 
-    def _client(self, allow_private: bool) -> tuple[httpx.AsyncClient, NetworkPolicy]:
+    def _session(self, allow_private: bool) -> tuple[aiohttp.ClientSession, NetworkPolicy]:
         network = NetworkPolicy(allow_private, self._extra_allowed)
-        client = self._clients.get(allow_private)
-        if client is None:
+        session = self._sessions.get(allow_private)
+        if session is None:
             resolver = self._resolver or SystemResolver(use_search_domains=allow_private)
-            client = httpx.AsyncClient(
-                transport=_SafeTransport(SafeNetworkBackend(network, resolver), self._ssl_context),
-                follow_redirects=False,
-                trust_env=False,
-                timeout=None,  # noqa: S113 - each call passes the try's timeout
-            )
-            self._clients[allow_private] = client
-        return client, network
+            session = self._sessions[allow_private] = safe_session(network, resolver, self._ssl_context)
+        return session, network
 
     async def scrape(
         self, backend: FirecrawlBackend, url: str, *, api_key: str, policy: FetchPolicy,
@@ -177,7 +177,7 @@ class FirecrawlClient:
         """The page's raw HTML as Firecrawl fetched it (`api_key` from `keys.key_for`). Raises `FetchError`s,
         as the fetcher does."""
         endpoint = backend.url.rstrip("/") + "/v1/scrape"
-        client, network = self._client(policy.allow_private_networks)
+        session, network = self._session(policy.allow_private_networks)
         refusal = network.check_url(endpoint)
         if refusal is not None:
             raise UnsafeUrlError(url, refusal, endpoint)
@@ -186,30 +186,36 @@ class FirecrawlClient:
         body = {"url": url, "formats": ["rawHtml"], "timeout": max(1000, int(timeout * 900))}
         started = time.monotonic()
         cap = policy.max_response_bytes * _ENVELOPE_FACTOR + _ENVELOPE_SLACK
+        headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json",
+                   "Accept-Encoding": ACCEPT_ENCODING}
         try:
-            async with client.stream(
-                "POST", endpoint, json=body, timeout=timeout,
-                headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            ) as response:
-                raw = await _read_capped(response, cap, url, policy)
-        except _AddressRefusedError as error:
+            async with asyncio.timeout(timeout):
+                response = await session.post(checked_target(network, endpoint), json=body, headers=headers,
+                                              allow_redirects=False)
+                try:
+                    raw = await read_capped(response, cap, truncate=False)
+                finally:
+                    response.release()
+        except AddressRefusedError as error:
             raise UnsafeUrlError(url, error.refusal, endpoint) from None
-        except (httpx.TimeoutException, httpcore.TimeoutException):
+        except BodyTooLargeError:
+            raise _too_large(url, policy) from None
+        except TimeoutError:
             raise FetchTimeoutError(url, (
                 f"gave up on {redact_url(url)} after {timeout:g} s: Firecrawl at {backend.url} did not answer within "
                 "this try's timeout; the next try gets longer (retry.timeoutSeconds)"
             ), retryable=True) from None
-        except (httpx.TransportError, httpcore.NetworkError, httpcore.RemoteProtocolError, OSError) as error:
+        except (aiohttp.ClientError, NameNotResolvedError, ValueError, OSError) as error:
             raise FetchError(url, (
                 f"could not reach Firecrawl at {backend.url} for {redact_url(url)}: {error or type(error).__name__}"
             ), retryable=True) from None
         return self._page(backend, url, response, raw, policy, time.monotonic() - started)
 
     def _page(
-        self, backend: FirecrawlBackend, url: str, response: httpx.Response, raw: bytes, policy: FetchPolicy,
+        self, backend: FirecrawlBackend, url: str, response: aiohttp.ClientResponse, raw: bytes, policy: FetchPolicy,
         elapsed: float,
     ) -> Page:
-        status = response.status_code
+        status = response.status
         answer = _json_object(raw)
         reason = str(answer.get("error") or answer.get("message") or _phrase(status))
         shown = redact_url(url)
@@ -253,17 +259,6 @@ class FirecrawlClient:
             url=final if isinstance(final, str) else url, status=target_status if isinstance(target_status, int)
             else 200, headers=response.headers, text=html, content_type="text/html", encoding="utf-8", elapsed=elapsed,
         )
-
-
-async def _read_capped(response: httpx.Response, cap: int, url: str, policy: FetchPolicy) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > cap:
-            raise _too_large(url, policy)
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def _too_large(url: str, policy: FetchPolicy) -> ResponseTooLargeError:

@@ -56,7 +56,6 @@ from kubearq.worker.fetch import (
     FetchTimeoutError,
     HttpStatusError,
     Page,
-    Resolver,
     RobotsDisallowedError,
     UnsafeUrlError,
 )
@@ -67,6 +66,7 @@ from kubearq.worker.queueing import NewJob, Tally, enqueue_many
 from kubearq.worker.ratelimit import SharedRateLimiter, bucket_key
 from kubearq.worker.robots import RobotsCache, RobotsRules
 from kubearq.worker.runtime import Backoff, Defer
+from kubearq.worker.safehttp import Resolver
 from kubearq.worker.storage import RequestRef as StoredRequest
 from kubearq.worker.storage import Storage, StorageUnavailableError
 
