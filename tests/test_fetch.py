@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,8 @@ from kubearq.worker.fetch import (
     decode_text,
     parse_retry_after,
 )
+from kubearq.worker.netsafety import NetworkPolicy
+from kubearq.worker.safehttp import AddressRefusedError, CheckingResolver, checked_target
 from tests.websites import HTML, FakeResolver, Reply, Website, fetcher_for
 
 HINT = "set fetch.allowPrivateNetworks: true to allow it"
@@ -558,3 +560,42 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None
         await asyncio.sleep(0.6)  # past the server's keep-alive timeout: it closes the idle connection
         assert (await fetcher.fetch(f"http://public.test:{port}/2", timeout=5)).status == 200
         assert len(set(peers)) == 2
+
+
+# --- What aiohttp connects to is what was checked ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "address"), [
+    ("http://127.0.0.1/", "127.0.0.1"), ("http://[::1]:8080/", "::1"), ("http://10.1.2.3/x", "10.1.2.3"),
+    ("http://[::ffff:169.254.169.254]/", "::ffff:169.254.169.254"),
+])
+def test_an_address_in_the_url_is_checked_as_aiohttp_parses_it(url: str, address: str) -> None:
+    # aiohttp connects to an address literal without asking the resolver: this is the check it passes.
+    with pytest.raises(AddressRefusedError) as raised:
+        checked_target(NetworkPolicy(), url)
+    assert raised.value.refusal.overridable
+    allowed = checked_target(NetworkPolicy(allow_private_networks=True), url)
+    assert ip_address(allowed.raw_host or "") == ip_address(address)
+
+
+def test_a_name_in_the_url_is_left_to_the_checking_resolver() -> None:
+    assert checked_target(NetworkPolicy(), "http://public.test:8080/a?b=1").raw_host == "public.test"
+
+
+async def test_the_resolver_refuses_internal_names_and_private_answers() -> None:
+    resolver = CheckingResolver(NetworkPolicy(), FakeResolver({"redis.default.svc": ["10.0.0.9"],
+                                                               "shop.test": ["93.184.216.34"],
+                                                               "inner.test": ["10.0.0.9"]}))
+    with pytest.raises(AddressRefusedError, match=r"redis\.default\.svc is "):
+        await resolver.resolve("redis.default.svc", 80)
+    with pytest.raises(AddressRefusedError, match=r"inner\.test resolves to 10\.0\.0\.9, a private address"):
+        await resolver.resolve("inner.test", 80)
+    assert await resolver.resolve("shop.test", 443) == [
+        {"hostname": "shop.test", "host": "93.184.216.34", "port": 443, "family": socket.AF_INET, "proto": 0,
+         "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV}]
+
+
+async def test_a_page_with_headers_longer_than_8_kib_is_fetched(site: Website) -> None:
+    site.routes["/"] = Reply(headers={**HTML, "Set-Cookie": "big=" + "x" * 20_000})
+    async with fetcher_for(site) as fetcher:
+        assert (await fetcher.fetch(site.url("/"), timeout=10)).status == 200
