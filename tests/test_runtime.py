@@ -142,6 +142,31 @@ async def test_deferral_spends_no_try_and_holds_no_slot(redis: ArqRedis, redis_u
     assert service.metrics.jobs_deferred.labels("deferred_three_times")._value.get() == 3
 
 
+async def test_a_finish_script_runs_once_with_the_completion_not_on_retries_or_deferrals(
+        redis: ArqRedis, redis_url: str) -> None:
+    job = await redis.enqueue_job("counted_on_finish", 2, 2, _job_id="counted")
+    assert job is not None
+    async with running_worker(redis_url, max_tries=5, keep_result=60):
+        info = await _result_info(job)
+    assert (info.success, info.result, info.job_try) == (True, "done", 3)  # deferrals spend no try
+    assert len(await events(redis)) == 5
+    assert await redis.get("test:finished") == b"1"
+    # The rest of the completion is ARQ's, as its finish_job does it.
+    assert 0 < await redis.pttl("arq:result:counted") <= 60_000
+    for key in ("arq:job:counted", "arq:retry:counted", "arq:in-progress:counted"):
+        assert not await redis.exists(key), key
+    assert await redis.zscore("arq:queue", "counted") is None
+
+
+async def test_a_finish_script_runs_when_the_last_try_fails(redis: ArqRedis, redis_url: str) -> None:
+    job = await redis.enqueue_job("counted_on_finish", 5, 0, _job_id="counted-fails")
+    assert job is not None
+    async with running_worker(redis_url, max_tries=2):
+        info = await _result_info(job)
+    assert (info.success, info.job_try) == (False, 2)
+    assert await redis.get("test:finished") == b"1"
+
+
 async def test_sigterm_lets_a_running_job_finish_within_the_grace_period(redis: ArqRedis, redis_url: str) -> None:
     job = await redis.enqueue_job("sleep_then_record", 0.5, _job_id="short")
     assert job is not None

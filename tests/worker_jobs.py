@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from kubearq.worker.runtime import Defer
+from kubearq.worker.runtime import Defer, FinishScript, on_finish
 
 
 async def record(ctx: dict[str, Any], event: str, **fields: object) -> None:
@@ -52,5 +52,18 @@ async def deferred_three_times(ctx: dict[str, Any]) -> str:
     return "done"
 
 
+async def counted_on_finish(ctx: dict[str, Any], failures: int, deferrals: int) -> str:
+    """Asks for `test:finished` to be counted as it completes; defers, then fails, before it succeeds."""
+    runs = await ctx["redis"].incr(f"test:runs:{ctx['job_id']}")
+    await record(ctx, "ran", runs=runs)
+    on_finish(ctx, FinishScript("redis.call('INCR', KEYS[1])", keys=["test:finished"], args=[]))
+    if runs <= deferrals:
+        raise Defer(0.05, "waiting")
+    if runs <= deferrals + failures:
+        raise ValueError("not yet")
+    return "done"
+
+
 class WorkerSettings:
-    functions = [noop, echo, sleep_then_record, always_fails, slow_first_try, deferred_three_times]
+    functions = [noop, echo, sleep_then_record, always_fails, slow_first_try, deferred_three_times,
+                 counted_on_finish]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import Job
 from arq.typing import StartupShutdown
 from arq.worker import Function, Retry, Worker
@@ -58,6 +58,27 @@ end
 return claimed
 """
 
+# ARQ's finish_job (a MULTI of up to six commands) as one script; the same keys, the same effects.
+# KEYS: in-progress mark, result, retry count, job, abort set, queue.
+# ARGV: job id, finish (1|0), result ('' for none), result lifetime ms ('' for none), score increment
+# ('' for none), keep the in-progress mark this many ms ('' to delete it).
+_FINISH_JOB = """
+if ARGV[6] == '' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
+if ARGV[2] == '1' then
+  if ARGV[3] ~= '' then
+    if ARGV[4] == '' then redis.call('SET', KEYS[2], ARGV[3])
+    else redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4]) end
+  end
+  redis.call('DEL', KEYS[3], KEYS[4])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  redis.call('ZREM', KEYS[6], ARGV[1])
+elseif ARGV[5] ~= '' then
+  redis.call('ZINCRBY', KEYS[6], ARGV[5], ARGV[1])
+end
+"""
+ON_FINISH = "kubearq_on_finish"
+"""Where the job context holds `OnFinish`: see `on_finish`."""
+
 DEAD_LETTER_PREFIX = "kubearq:dead-letter:"
 DEAD_LETTER_SECONDS = 7 * 86_400
 FUNCTION_REGISTRY_SECONDS = 120
@@ -89,6 +110,31 @@ class Backoff:
         ceiling = min(self.cap, self.base * (1 << min(30, max(0, job_try - 1))))
         uniform = rng.uniform if rng else random.uniform
         return ceiling / 2 + uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class FinishScript:
+    """A Lua script to run in the same round trip as the job's completion."""
+
+    script: str
+    keys: Sequence[str]
+    args: Sequence[str | int | float]
+
+
+OnFinish = dict[str, list[FinishScript]]
+
+
+def on_finish(ctx: dict[str, Any], script: FinishScript) -> None:
+    """Run `script` when this job completes (returns or fails for good), in one round trip with ARQ's own
+    completion; dropped if the job retries, is deferred or is cancelled.
+
+    Scripts are sent before the completion: if the worker dies between the two, the job runs again, so a
+    script must be idempotent per job id. Only a KubearqWorker runs them (RuntimeError elsewhere).
+    """
+    pending: OnFinish | None = ctx.get(ON_FINISH)
+    if pending is None:
+        raise RuntimeError("on_finish needs the kubearq worker's job context")
+    pending.setdefault(str(ctx["job_id"]), []).append(script)
 
 
 def per_try_timeout(base: float, job_try: int) -> float:
@@ -209,6 +255,8 @@ class KubearqWorker(Worker):
         self._stopping = False
         self._closing = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._on_finish: OnFinish = {}
+        self.ctx[ON_FINISH] = self._on_finish
         self.redis_available = True
 
     # --- polling -------------------------------------------------------------------------------------
@@ -301,7 +349,37 @@ class KubearqWorker(Worker):
                 logger.warning("heartbeat failed (%s: %s); in-progress marks may expire", type(error).__name__, error)
             await wait_or_timeout(self._closing, self.settings.heartbeat_interval)
 
+    # --- completion -----------------------------------------------------------------------------------
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        # ARQ's completion as one script instead of a MULTI of six commands, with the scripts the job asked
+        # for (`on_finish`) in the same round trip: a scrape page's progress costed a round trip of its own.
+        scripts = self._on_finish.pop(job_id, [])
+        expire = None if keep_result_forever or result_timeout_s is None else round(result_timeout_s * 1000)
+        keys = [in_progress_key_prefix + job_id, result_key_prefix + job_id, retry_key_prefix + job_id,
+                job_key_prefix + job_id, abort_jobs_ss, self.queue_name]
+        args = [job_id, int(finish), result_data or b"", "" if expire is None else expire, incr_score or "",
+                "" if keep_in_progress is None else round(keep_in_progress * 1000)]
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for extra in scripts if finish else ():
+                pipe.execute_command("EVAL", extra.script, len(extra.keys), *extra.keys, *extra.args)
+            pipe.execute_command("EVAL", _FINISH_JOB, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors:
+            raise errors[-1]
+
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        self._on_finish.pop(job_id, None)
         raw = await self.pool.get(job_key_prefix + job_id)
         if raw is not None:
             try:

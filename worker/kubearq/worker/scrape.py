@@ -65,7 +65,7 @@ from kubearq.worker.observability import log_context
 from kubearq.worker.queueing import NewJob, Tally, enqueue_many
 from kubearq.worker.ratelimit import SharedRateLimiter, bucket_key
 from kubearq.worker.robots import RobotsCache, RobotsRules
-from kubearq.worker.runtime import Backoff, Defer
+from kubearq.worker.runtime import Backoff, Defer, FinishScript, on_finish
 from kubearq.worker.safehttp import Resolver
 from kubearq.worker.storage import RequestRef as StoredRequest
 from kubearq.worker.storage import Storage, StorageUnavailableError
@@ -179,10 +179,11 @@ class PageProgress:
         await script(keys=[deferred_key(self.request_uid), progress_key(self.request_uid)],
                      args=[self.job_id, f"{self.kind}_deferred", MARKER_SECONDS])
 
-    async def finished(self, outcome: Outcome, url: str = "", error: str = "", tries: int = 0) -> None:
+    def finished(self, outcome: Outcome, url: str = "", error: str = "", tries: int = 0) -> FinishScript:
+        """The page's outcome, counted as its job completes (`on_finish`: in the same round trip)."""
         failure = json.dumps({"url": url, "error": error, "tries": tries}) if outcome == "failed" else ""
-        script = self.redis.register_script(_FINISH)
-        await script(
+        return FinishScript(
+            _FINISH,
             keys=[finished_key(self.request_uid), progress_key(self.request_uid), failures_key(self.request_uid),
                   outages_key(self.job_id), deferred_key(self.request_uid)],
             args=[self.job_id, outcome, self.kind, failure, FAILURES_SHOWN, MARKER_SECONDS],
@@ -307,7 +308,7 @@ async def _run(ctx: dict[str, Any], raw_page: dict[str, Any], kind: PageKind) ->
         except FirecrawlRateLimitedError as error:
             defer = Defer(error.retry_after if error.retry_after is not None else RETRY_AFTER_DEFAULT, error.message)
         except FetchError as error:
-            return await _failed(resources, progress, job, kind, error, job_try)
+            return await _failed(ctx, resources, progress, job, kind, error, job_try)
         except StorageUnavailableError as error:
             defer = Defer(resources.storage_backoff.delay(await progress.storage_outages()), str(error))
         except Defer as waiting:
@@ -318,9 +319,9 @@ async def _run(ctx: dict[str, Any], raw_page: dict[str, Any], kind: PageKind) ->
             # The last try ARQ allows: keep the page as failed, so the request can still finish.
             failure = FetchError(job.url, f"internal error after {job_try} tries: {type(error).__name__}: {error}",
                                  retryable=False)
-            return await _failed(resources, progress, job, kind, failure, job_try)
+            return await _failed(ctx, resources, progress, job, kind, failure, job_try)
         else:
-            await progress.finished("done")
+            on_finish(ctx, progress.finished("done"))
             logger.info("scraped on try %d: %s", job_try, summary)
             return {"outcome": "done", **summary}
         await progress.deferred()
@@ -404,8 +405,8 @@ async def _store_items(storage: Storage, job: PageJob, detail: Page) -> dict[str
     return {"items": len(items)}
 
 
-async def _failed(resources: ScrapeResources, progress: PageProgress, job: PageJob, kind: PageKind,
-                  error: FetchError, job_try: int) -> dict[str, object]:
+async def _failed(ctx: dict[str, Any], resources: ScrapeResources, progress: PageProgress, job: PageJob,
+                  kind: PageKind, error: FetchError, job_try: int) -> dict[str, object]:
     """Retry (raising `Retry`) while the request allows; else record the failure and end the job normally."""
     policy = job.settings.retry
     if not is_final(error, job_try, policy):
@@ -419,7 +420,7 @@ async def _failed(resources: ScrapeResources, progress: PageProgress, job: PageJ
     except StorageUnavailableError as outage:
         await progress.deferred()
         raise Defer(resources.storage_backoff.delay(await progress.storage_outages()), str(outage)) from None
-    await progress.finished("failed", job.url, error.message, job_try)
+    on_finish(ctx, progress.finished("failed", job.url, error.message, job_try))
     return {"outcome": "failed", "error": error.message, "tries": job_try}
 
 
