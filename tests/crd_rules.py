@@ -128,14 +128,32 @@ def cel_rules(schema: JsonObject) -> list[tuple[str, str, str]]:
     return found
 
 
-def cel_failures(schema: JsonObject, obj: JsonObject) -> list[str]:
-    """Messages of the CEL rules the (defaulted) object breaks, as `path: message`."""
+def is_transition_rule(rule: str) -> bool:
+    """A rule comparing with the stored object (`oldSelf`): the server checks it on updates only."""
+    return "oldSelf" in rule
+
+
+def cel_failures(schema: JsonObject, obj: JsonObject, old: JsonObject | None = None) -> list[str]:
+    """Messages of the CEL rules the (defaulted) object breaks, as `path: message`.
+
+    Transition rules run only with `old` (an update) and where the old object has the value too, as the
+    server runs them; they are supported on object paths, not inside lists (no item correlation here).
+    """
     environment = celpy.Environment()
     failures = []
     for path, rule, message in cel_rules(schema):
         program = environment.program(environment.compile(rule))
+        transition = is_transition_rule(rule)
+        if transition:
+            assert "[]" not in path, f"transition rule inside a list at {path}: correlate items first"
+            if old is None or not _node_at(old, path):
+                continue
         for value in _node_at(obj, path):
-            outcome = program.evaluate({"self": json_to_cel(cast(dict[str, object], value))})
+            activation = {"self": json_to_cel(cast(dict[str, object], value))}
+            if transition:
+                assert old is not None
+                activation["oldSelf"] = json_to_cel(cast(dict[str, object], _node_at(old, path)[0]))
+            outcome = program.evaluate(activation)
             if isinstance(outcome, CELEvalError):
                 raise AssertionError(f"rule {rule!r} at {path} does not evaluate on {value!r}: {outcome}")
             if not bool(outcome):
@@ -143,10 +161,12 @@ def cel_failures(schema: JsonObject, obj: JsonObject) -> list[str]:
     return failures
 
 
-def server_problems(crd: JsonObject, obj: Mapping[str, object]) -> list[str]:
-    """What the API server would refuse in `obj`: OpenAPI validation after defaulting, then CEL."""
+def server_problems(crd: JsonObject, obj: Mapping[str, object], old: Mapping[str, object] | None = None) -> list[str]:
+    """What the API server would refuse in `obj` (an update of `old`, if given): OpenAPI validation after
+    defaulting, then CEL."""
     schema = schema_of(crd)
     defaulted = cast(JsonObject, apply_defaults(schema, obj))
+    old_defaulted = None if old is None else cast(JsonObject, apply_defaults(schema, old))
     validator = jsonschema.Draft4Validator(schema)
     problems = [
         f"{'.'.join(str(part) for part in error.absolute_path)}: {error.message}"
@@ -157,4 +177,4 @@ def server_problems(crd: JsonObject, obj: Mapping[str, object]) -> list[str]:
             for items in _node_at(defaulted, path):
                 if isinstance(items, list) and len({yaml.safe_dump(item) for item in items}) < len(items):
                     problems.append(f"{path.lstrip('.')}: Duplicate value")
-    return problems or cel_failures(schema, defaulted)
+    return problems or cel_failures(schema, defaulted, old_defaulted)

@@ -25,6 +25,19 @@ MAX_INLINE_URLS = 300
 MAX_FAILED_URLS_SHOWN = 20
 ONE_SOURCE_MESSAGE = "set exactly one of urls and urlsFrom"
 FIRECRAWL_MESSAGE = "backend Firecrawl needs firecrawl.apiKeySecretRef, the Secret key holding the API key"
+FROZEN_SPEC_MESSAGE = (
+    "only spec.deletionPolicy can change once a ScrapeRequest exists: its pages were enqueued with the spec "
+    "it was created with; delete it and create a new one to scrape with another spec"
+)
+FROZEN_SPEC_FIELDS = ("links", "extract", "backend", "firecrawl", "rateLimit", "retry", "fetch", "queue", "urls",
+                      "urlsFrom")
+"""Every spec field but deletionPolicy: queued jobs carry the spec in their payload, so an edit would be
+silently ignored (or half applied, to pages enqueued later); the API server refuses it instead."""
+
+
+def _unchanged(field: str) -> str:
+    # A transition rule on the field itself would not see it added or removed: compare presence too.
+    return f"(has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field}))"
 
 
 class DeletionPolicy(StrEnum):
@@ -64,6 +77,7 @@ class ScrapeRequestSpec(ScrapeSettings):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "has(self.urls) != has(self.urlsFrom)", "message": ONE_SOURCE_MESSAGE},
         {"rule": "self.backend != 'Firecrawl' || has(self.firecrawl)", "message": FIRECRAWL_MESSAGE},
+        {"rule": " && ".join(_unchanged(field) for field in FROZEN_SPEC_FIELDS), "message": FROZEN_SPEC_MESSAGE},
     ]})
 
     urls: Annotated[
@@ -74,7 +88,8 @@ class ScrapeRequestSpec(ScrapeSettings):
     urls_from: UrlSource | None = None
     """A ConfigMap key with the listing-page URLs, one per line."""
     deletion_policy: DeletionPolicy = DeletionPolicy.RETAIN
-    """Retain the stored results when the resource is deleted, or Delete them."""
+    """Retain the stored results when the resource is deleted, or Delete them. The one field that can change
+    after creation; the API server refuses edits of the others."""
 
     @field_validator("urls", mode="before")
     @classmethod
