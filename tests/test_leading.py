@@ -13,7 +13,7 @@ import pytest
 from arq.connections import ArqRedis
 
 from kubearq.operator.context import SYNC_SCHEDULES, OperatorContext
-from kubearq.operator.kube import KubeApi, KubeObject, Resource
+from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource
 from kubearq.operator.main import ResourceStore, lead
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.scheduler import tick_job_id
@@ -85,16 +85,20 @@ def test_versions_that_are_not_numbers_are_taken_as_newer() -> None:
 
 
 class SlowStatusApi(KubeApi):
-    """The emulator's API, with every status write taking `delay` seconds and counted."""
+    """The emulator's API, with every status write taking `delay` seconds and counted; the next writes
+    fail with the errors in `failures`, one each."""
 
     delay = 0.0
     status_writes = 0
+    failures: list[Exception]
 
     async def patch_status(self, resource: Resource, name: str, status: Mapping[str, object], *,
                            namespace: str | None = None, resource_version: str | None = None,
                            timeout: float) -> KubeObject:  # noqa: ASYNC109
         self.status_writes += 1
         await asyncio.sleep(self.delay)
+        if getattr(self, "failures", None):
+            raise self.failures.pop(0)
         return await super().patch_status(resource, name, status, namespace=namespace,
                                           resource_version=resource_version, timeout=timeout)
 
@@ -174,6 +178,60 @@ async def test_the_writer_writes_the_newest_status_once_and_stores_the_answer(
         "2026-11-24T10:03:00Z", "2026-11-24T10:02:00Z", "2026-11-24T10:01:00Z"]
     assert stored[-1]["status"] == status
     assert ctx.metrics.duplicate_enqueues.labels(source="schedule")._value.get() == 0
+
+
+async def test_a_write_that_fails_for_a_passing_reason_is_tried_again_and_lands(
+        k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = context(slow_api, redis, Clock(T0 + timedelta(seconds=30)))
+    body = await create(k8s)
+    key = ("SyncSchedule", k8s.namespace, "nightly")
+    writer: StatusWriter[tuple[str, str, str]] = StatusWriter(ctx, lambda _, written: None, retry_seconds=0.05)
+    slow_api.failures = [TimeoutError(), ApiError(503, "ServiceUnavailable", "etcd is busy")]
+    writer.start()
+    try:
+        step = await advance_schedule(ctx, body)  # the 10:01 tick
+        writer.submit(key, step)
+        await until(lambda: holds(len(writer) == 0), what="the write landed")
+    finally:
+        await writer.stop()
+    assert slow_api.status_writes == 3
+    status = (await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=10))["status"]
+    assert status["lastScheduleTime"] == "2026-11-24T10:01:00Z"
+    retries = [record for record in caplog.records if "trying again" in record.getMessage()]
+    assert [record.levelname for record in retries] == ["WARNING", "WARNING"]
+    assert [record.getMessage() for record in retries] == [
+        f"status of SyncSchedule {k8s.namespace}/nightly not written (TimeoutError); trying again in 0.05 s",
+        f"status of SyncSchedule {k8s.namespace}/nightly not written (503 ServiceUnavailable: etcd is busy); "
+        "trying again in 0.1 s"]
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+async def test_a_retry_never_overwrites_a_newer_status(
+        k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis) -> None:
+    clock = Clock(T0 + timedelta(seconds=30))
+    ctx = context(slow_api, redis, clock)
+    body = await create(k8s)
+    key = ("SyncSchedule", k8s.namespace, "nightly")
+    writer: StatusWriter[tuple[str, str, str]] = StatusWriter(ctx, lambda _, written: None, retry_seconds=0.3)
+    slow_api.failures = [TimeoutError()]
+    writer.start()
+    try:
+        first = await advance_schedule(ctx, body)  # the 10:01 tick; its write times out
+        writer.submit(key, first)
+        await until(lambda: holds(slow_api.status_writes == 1 and len(writer._writing) == 0), what="the failure")
+        assert writer.pending_status(key) == first.status  # the loop still plans from it while it waits
+        clock.moment += timedelta(minutes=1)
+        second = await advance_schedule(ctx, body, writer.pending_status(key))  # 10:02, planned from the pending
+        writer.submit(key, second)
+        await until(lambda: holds(len(writer) == 0), what="the newer write")
+        await asyncio.sleep(0.5)  # past the cancelled retry's time
+    finally:
+        await writer.stop()
+    assert slow_api.status_writes == 2
+    status = (await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=10))["status"]
+    assert status["lastScheduleTime"] == "2026-11-24T10:02:00Z"
+    assert [run["scheduledTime"] for run in cast(list[dict[str, str]], status["runs"])] == [
+        "2026-11-24T10:02:00Z", "2026-11-24T10:01:00Z"]
 
 
 async def test_a_tick_is_enqueued_on_time_while_the_last_ticks_status_is_still_being_written(

@@ -112,6 +112,13 @@ class GoneError(ApiError):
 
 
 _ERRORS_BY_CODE: dict[int, type[ApiError]] = {404: NotFoundError, 409: ConflictError, 410: GoneError}
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure the same request may not meet again: a timeout, a broken connection, 429 or a 5xx answer."""
+    if isinstance(error, ApiError):
+        return error.code == 429 or error.code >= 500
+    return isinstance(error, (TimeoutError, httpx.TransportError))
 _MERGE_PATCH = 'application/merge-patch+json'
 _JSON_PATCH = 'application/json-patch+json'
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 import kopf
 
 from kubearq.operator.context import OperatorContext, utc_now
-from kubearq.operator.kube import KubeApi, KubeObject
+from kubearq.operator.kube import KubeApi, KubeObject, is_transient
 from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLeaderError
 from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
 from kubearq.operator.resources import GROUP, VERSION
@@ -201,9 +201,12 @@ async def guarded(ctx: OperatorContext, key: Key, coroutine: Awaitable[T]) -> T 
         return await coroutine
     except NotLeaderError:
         raise
-    except Exception:
+    except Exception as error:
         ctx.metrics.count_error(f"reconcile_{kind}")
-        logger.exception("reconciling %s %s/%s failed; retrying", kind, namespace, name)
+        if isinstance(error, TRANSIENT_ERRORS) or is_transient(error):
+            logger.warning("reconciling %s %s/%s failed: %s; retrying", kind, namespace, name, error)
+        else:
+            logger.exception("reconciling %s %s/%s failed; retrying", kind, namespace, name)
         return None
 
 
@@ -218,12 +221,12 @@ async def reconcile_one(ctx: OperatorContext, key: Key, body: KubeObject,
         return await reconcile(ctx, body)
     except NotLeaderError:
         raise  # leadership is gone: the elector cancels this loop
-    except TRANSIENT_ERRORS as error:
+    except Exception as error:
         ctx.metrics.count_error(f"reconcile_{kind}")
-        logger.warning("reconciling %s %s/%s failed: %s; retrying", kind, namespace, name, error)
-    except Exception:
-        ctx.metrics.count_error(f"reconcile_{kind}")
-        logger.exception("reconciling %s %s/%s failed; retrying", kind, namespace, name)
+        if isinstance(error, TRANSIENT_ERRORS) or is_transient(error):
+            logger.warning("reconciling %s %s/%s failed: %s; retrying", kind, namespace, name, error)
+        else:
+            logger.exception("reconciling %s %s/%s failed; retrying", kind, namespace, name)
     return ctx.now() + timedelta(seconds=ctx.settings.status_interval)
 
 

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
 from kubearq.operator.context import API_TIMEOUT, SYNC_SCHEDULES, OperatorContext, rfc3339
-from kubearq.operator.kube import ApiError, KubeObject
+from kubearq.operator.kube import ApiError, KubeObject, is_transient
 from kubearq.operator.resources import describe_validation_error
 from kubearq.operator.scheduler import (
     Action,
@@ -378,6 +378,8 @@ async def write_status(ctx: OperatorContext, body: KubeObject, previous: SyncSch
                                              namespace=str(metadata.get("namespace")), timeout=API_TIMEOUT)
     except ApiError as error:
         ctx.metrics.count_status_patch("SyncSchedule", "conflict" if error.code == 409 else "error")
+        if is_transient(error):
+            raise  # the status writer tries again
         logger.warning("status of %s/%s not written: %s", metadata.get("namespace"), metadata.get("name"), error)
         return None
     ctx.metrics.count_status_patch("SyncSchedule", "ok")
