@@ -335,6 +335,9 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         await asyncio.wait({electing}, timeout=10)
         kopf_stop.set()
         await asyncio.wait({watching}, timeout=30)
+        if not watching.done():  # cancelled here, its watch streams close before the loop does
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         await refresher.stop()
         await probes.stop()
         await api.aclose()
