@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import httpx
+import kopf
 import pytest
 from arq.connections import ArqRedis
 
 from kubearq.operator.context import SYNC_SCHEDULES
 from kubearq.operator.kube import LEASES
-from kubearq.operator.main import run_operator
+from kubearq.operator.main import quiet_kopf_watch_finalization, run_operator
 from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import create_redis
@@ -45,14 +46,14 @@ class Replica:
 
 @asynccontextmanager
 async def replicas(k8s: KubernetesUnderTest, redis_url: str, clock: Callable[[], datetime],
-                   names: tuple[str, ...]) -> AsyncIterator[dict[str, Replica]]:
+                   names: tuple[str, ...], queue_stats_interval: float = 1.0) -> AsyncIterator[dict[str, Replica]]:
     """Operator replicas, each in a thread with its own loop (kopf cancels foreign tasks in its loop)."""
     running: dict[str, Replica] = {}
     for name in names:
         port = free_port()
         settings = OperatorSettings(redis_url=redis_url, namespace=k8s.namespace, lease_namespace=k8s.namespace,
                                     status_interval=0.5, http_host="127.0.0.1", http_port=port,
-                                    queue_stats_interval=1.0)
+                                    queue_stats_interval=queue_stats_interval)
         stop_flag, failures = threading.Event(), list[BaseException]()
 
         def main(settings: OperatorSettings = settings, stop_flag: threading.Event = stop_flag,
@@ -146,6 +147,19 @@ async def test_two_replicas_elect_one_leader_which_enqueues_each_tick_once_acros
         assert await redis.zcard("arq:queue") == 2
 
 
+async def test_an_operator_whose_queue_stats_wait_over_5_s_stops_cleanly(
+        k8s: KubernetesUnderTest, redis_url: str) -> None:
+    # kopf, stopping, cancels every task created after it started and still running 5 s later. The queue
+    # stats refresher waited out its interval (10 s by default) in such a task from its second round on:
+    # cancelled, it crashed, and run_operator's shutdown with it (Redis and the API client left open).
+    k8s.require_emulator()
+    interval = OperatorSettings().queue_stats_interval
+    async with replicas(k8s, redis_url, ShiftedClock(), ("solo",), queue_stats_interval=interval):
+        await eventually(lambda: _holder_is(k8s, "solo"), what="leadership")
+        await asyncio.sleep(interval + 1)  # into the refresher's second wait, begun after kopf started
+    # replicas() re-raises whatever the replica's run_operator raised
+
+
 async def _status_with(k8s: KubernetesUnderTest, field_name: str) -> dict[str, Any] | None:
     obj = await k8s.api.get(SYNC_SCHEDULES, "minutely", namespace=k8s.namespace, timeout=5)
     status: dict[str, Any] = dict(obj.get("status") or {})
@@ -158,3 +172,26 @@ async def _holder_is(k8s: KubernetesUnderTest, identity: str) -> bool:
 
 async def _queued_at_least(redis: ArqRedis, count: int) -> bool:
     return bool(await redis.zcard("arq:queue") >= count)
+
+
+async def test_kopfs_watch_stream_closed_at_exit_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    from kopf._cogs.clients.watching import infinite_watch  # the generator kopf leaves suspended at exit
+
+    async def infinite_watch_of_our_own() -> AsyncGenerator[int, None]:
+        yield 1
+
+    loop = asyncio.get_running_loop()
+    kopfs = cast(AsyncGenerator[object, None],  # typed as an AsyncIterator by kopf; an async generator it is
+                 infinite_watch(settings=kopf.OperatorSettings(), resource=None, namespace=None))  # type: ignore[arg-type]
+    ours = infinite_watch_of_our_own()
+    try:
+        for asyncgen in (kopfs, ours):
+            quiet_kopf_watch_finalization(loop, {
+                "message": f"an error occurred during closing of asynchronous generator {asyncgen!r}",
+                "exception": RuntimeError("generator didn't stop after athrow()"), "asyncgen": asyncgen})
+    finally:
+        await kopfs.aclose()
+        await ours.aclose()
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"an error occurred during closing of asynchronous generator {ours!r}")

@@ -10,6 +10,7 @@ on gaining the Lease, then on every change and at each object's next due time, f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -327,21 +328,27 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         clusterwide=not settings.namespace, namespaces=list(namespaces), stop_flag=kopf_stop,
         ready_flag=watching_ready,
     ), name="kubearq-kopf")
-    try:
-        await stop.wait()
-    finally:
-        logger.info("stopping: releasing the Lease")
-        await elector.release()
-        await asyncio.wait({electing}, timeout=10)
+    async def stop_kopf() -> None:
         kopf_stop.set()
         await asyncio.wait({watching}, timeout=30)
         if not watching.done():  # cancelled here, its watch streams close before the loop does
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
-        await refresher.stop()
-        await probes.stop()
-        await api.aclose()
-        await redis.aclose()
+
+    async def release_lease() -> None:
+        logger.info("stopping: releasing the Lease")
+        await elector.release()
+        await asyncio.wait({electing}, timeout=10)
+
+    # Every step runs, in reverse order, whatever an earlier one raised (the first error is re-raised).
+    async with contextlib.AsyncExitStack() as stopping:
+        stopping.push_async_callback(redis.aclose)
+        stopping.push_async_callback(api.aclose)
+        stopping.push_async_callback(probes.stop)
+        stopping.push_async_callback(refresher.stop)
+        stopping.push_async_callback(stop_kopf)
+        stopping.push_async_callback(release_lease)
+        await stop.wait()
 
 
 def tune_gc() -> None:
@@ -351,6 +358,19 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+def quiet_kopf_watch_finalization(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler: kopf leaves its watch generators suspended when it stops, and the
+    loop's own shutdown then closes them with "an error occurred during closing of asynchronous generator
+    infinite_watch" (RuntimeError: generator didn't stop after athrow()), an ERROR traceback on every clean
+    exit. That one is logged at DEBUG; everything else goes to asyncio's default handler."""
+    asyncgen = context.get("asyncgen")
+    if getattr(asyncgen, "__qualname__", None) == "infinite_watch" and \
+            getattr(getattr(asyncgen, "ag_code", None), "co_filename", "").endswith("kopf/_cogs/clients/watching.py"):
+        logger.debug("kopf's watch stream closed at exit: %s", context.get("exception"))
+        return
+    loop.default_exception_handler(context)
+
+
 def run(settings: OperatorSettings, connection: kopf.ConnectionInfo) -> None:
     """Process entry point: SIGTERM/SIGINT release the Lease and stop."""
     tune_gc()
@@ -358,6 +378,7 @@ def run(settings: OperatorSettings, connection: kopf.ConnectionInfo) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(quiet_kopf_watch_finalization)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await run_operator(settings, connection, stop=stop)

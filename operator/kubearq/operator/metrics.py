@@ -7,7 +7,6 @@ Names follow Prometheus conventions (`kubearq_` prefix, base units, `_total` cou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kubearq.operator.queuestats import DEFAULT_MAX_CHECKED, QueueStats, label_safe, queue_stats
+from kubearq.worker.aio import wait_or_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +175,9 @@ class QueueStatsRefresher:
         try:
             while not self._stopping.is_set():
                 await self.refresh()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.interval_seconds)
+                # Not asyncio.wait_for: its inner task, cancelled by kopf's stop (kopf cancels every task
+                # begun after it started that still runs 5 s into its stop), crashed this loop.
+                await wait_or_timeout(self._stopping, self.interval_seconds)
         finally:
             for queue in self.metrics.published_queues:
                 self.metrics.forget_queue(queue)
