@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -12,9 +13,9 @@ from typing import Any, cast
 import pytest
 from arq.connections import ArqRedis
 
-from kubearq.operator.context import SYNC_SCHEDULES, OperatorContext
-from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource
-from kubearq.operator.main import ResourceStore, lead
+from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES, OperatorContext
+from kubearq.operator.kube import ApiError, KubeApi, KubeObject, ObjectList, Resource
+from kubearq.operator.main import DELETED_KEPT, ResourceStore, lead, list_into
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.scheduler import tick_job_id
 from kubearq.operator.schedules import ArmedTick, advance_schedule, reconcile_schedule
@@ -82,6 +83,81 @@ def test_versions_that_are_not_numbers_are_taken_as_newer() -> None:
     store.observe("SyncSchedule", "MODIFIED", schedule("20"))
     store.observe("SyncSchedule", "MODIFIED", schedule("abc", status={"activeCount": 1}))
     assert store.objects[KEY]["status"] == {"activeCount": 1}
+
+
+def test_an_object_listed_before_its_deletion_and_seen_after_it_does_not_come_back() -> None:
+    store = ResourceStore()
+    store.observe("SyncSchedule", "ADDED", schedule("10"))
+    store.observe("SyncSchedule", "DELETED", schedule("12"))  # on the watch
+    store.observe("SyncSchedule", "ADDED", schedule("10"))  # from a list taken before the deletion
+    assert KEY not in store.objects
+
+
+def test_the_late_deletion_of_an_earlier_object_of_the_same_name_leaves_the_new_one() -> None:
+    store = ResourceStore()
+    store.observe("SyncSchedule", "ADDED", schedule("30", uid="u-2"))
+    store.observe("SyncSchedule", "DELETED", schedule("12", uid="u-1"))
+    assert store.objects[KEY]["metadata"]["uid"] == "u-2"
+
+
+def test_deleted_uids_kept_are_bounded() -> None:
+    store = ResourceStore()
+    for number in range(DELETED_KEPT + 5):
+        store.observe("SyncSchedule", "DELETED", schedule(str(number), uid=f"u-{number}"))
+    assert len(store.deleted) == DELETED_KEPT
+    assert "u-0" not in store.deleted
+    assert f"u-{DELETED_KEPT + 4}" in store.deleted
+
+
+class FailingListApi(KubeApi):
+    """The emulator's API, whose first `failures` lists answer 503."""
+
+    failures = 0
+
+    async def list(self, resource: Resource, **options: Any) -> ObjectList:
+        if self.failures:
+            self.failures -= 1
+            raise ApiError(503, "ServiceUnavailable", "etcd is busy")
+        return await super().list(resource, **options)
+
+
+async def test_the_start_up_listing_puts_every_object_in_the_store_through_api_failures(
+        k8s: KubernetesUnderTest, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("a", "b", "c"):
+        await k8s.api.create(SYNC_SCHEDULES, {
+            "apiVersion": "kubearq.dev/v1alpha1", "kind": "SyncSchedule", "metadata": {"name": name},
+            "spec": {"schedule": "@daily", "job": {"function": "sync_connections"}}}, namespace=k8s.namespace,
+            timeout=10)
+    await k8s.api.create(SCRAPE_REQUESTS, {
+        "apiVersion": "kubearq.dev/v1alpha1", "kind": "ScrapeRequest", "metadata": {"name": "events"},
+        "spec": {"urls": ["https://example.com/"]}}, namespace=k8s.namespace, timeout=10)
+    api = FailingListApi(k8s.connection)
+    api.failures = 2
+    store = ResourceStore(listed=asyncio.Event())
+    try:
+        await list_into(api, store, k8s.namespace, retry_seconds=0.01)
+    finally:
+        await api.aclose()
+    assert store.listed.is_set()
+    assert sorted(store.objects) == [("ScrapeRequest", k8s.namespace, "events"),
+                                     *(("SyncSchedule", k8s.namespace, name) for name in ("a", "b", "c"))]
+    assert store.dirty == set(store.objects)
+    assert {(body["apiVersion"], body["kind"]) for body in store.objects.values()} == {
+        ("kubearq.dev/v1alpha1", "ScrapeRequest"), ("kubearq.dev/v1alpha1", "SyncSchedule")}
+    assert [record.levelname for record in caplog.records if "listing the resources failed" in record.getMessage()
+            ] == ["WARNING", "WARNING"]
+
+
+async def test_a_new_leader_waits_for_the_start_up_listing_before_its_first_pass(
+        k8s: KubernetesUnderTest, redis: ArqRedis, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kubearq.operator.main")
+    ctx = context(k8s.api, redis, Clock(T0))
+    store = ResourceStore(listed=asyncio.Event())
+    async with leading(ctx, store):
+        await asyncio.sleep(0.3)
+        store.observe("SyncSchedule", "ADDED", await create(k8s))  # listed while the leader waits
+        store.listed.set()
+        await until(lambda: holds("leading: reconciling 1 objects" in caplog.text), what="the first pass")
 
 
 class SlowStatusApi(KubeApi):
