@@ -39,7 +39,7 @@ import kopf
 
 from kubearq.operator.context import SYNC_SCHEDULES
 from kubearq.operator.kube import KubeApi
-from kubearq.operator.main import run_operator, tune_gc
+from kubearq.operator.main import quiet_kopf_watch_finalization, run_operator, tune_gc
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import create_redis
 from kubearq.worker.contract import deserialize
@@ -118,6 +118,7 @@ async def main(schedules: int, minutes: int, pipe: multiprocessing.connection.Co
         settings = OperatorSettings(redis_url=server.url, http_host="127.0.0.1", http_port=free_port(),
                                     log_level="WARNING")
         stop = asyncio.Event()
+        asyncio.get_running_loop().set_exception_handler(quiet_kopf_watch_finalization)  # as `kubearq operator`
         operator = asyncio.create_task(run_operator(settings, kopf.ConnectionInfo(server=base_url), stop=stop,
                                                     identity="bench"))
         try:
