@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -224,6 +224,28 @@ async def create(k8s: KubernetesUnderTest) -> KubeObject:
                                       namespace=k8s.namespace, timeout=10)
 
 
+WriterKey = tuple[str, str, str]
+
+
+@contextlib.asynccontextmanager
+async def writing(ctx: OperatorContext, on_written: Callable[[WriterKey, KubeObject], None] = lambda _, __: None,
+                  retry_seconds: float = 1.0) -> AsyncIterator[StatusWriter[WriterKey]]:
+    """A started status writer, stopped when the block ends."""
+    writer: StatusWriter[WriterKey] = StatusWriter(ctx, on_written, retry_seconds=retry_seconds)
+    writer.start()
+    try:
+        yield writer
+    finally:
+        await writer.stop()
+
+
+async def nightly_status(k8s: KubernetesUnderTest) -> dict[str, Any]:
+    """The status of the test's schedule as stored, with its runs' ticks under `ticks`."""
+    status = dict((await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=10))["status"])
+    status["ticks"] = [run["scheduledTime"] for run in cast(list[dict[str, str]], status.get("runs", []))]
+    return status
+
+
 async def test_the_writer_writes_the_newest_status_once_and_stores_the_answer(
         k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis) -> None:
     clock = Clock(T0 + timedelta(seconds=30))
@@ -231,10 +253,8 @@ async def test_the_writer_writes_the_newest_status_once_and_stores_the_answer(
     body = await create(k8s)
     key = ("SyncSchedule", k8s.namespace, "nightly")
     stored: list[KubeObject] = []
-    writer: StatusWriter[tuple[str, str, str]] = StatusWriter(ctx, lambda _, written: stored.append(written))
     slow_api.delay = 0.5
-    writer.start()
-    try:
+    async with writing(ctx, lambda _, written: stored.append(written)) as writer:
         first = await advance_schedule(ctx, body)  # the 10:01 tick
         writer.submit(key, first)
         await until(lambda: holds(slow_api.status_writes == 1), what="the first write started")
@@ -245,13 +265,10 @@ async def test_the_writer_writes_the_newest_status_once_and_stores_the_answer(
         third = await advance_schedule(ctx, body, writer.pending_status(key))  # 10:03, replaces the waiting 10:02
         writer.submit(key, third)
         await until(lambda: holds(len(writer) == 0), what="every write done")
-    finally:
-        await writer.stop()
     assert slow_api.status_writes == 2
-    status = (await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=10))["status"]
+    status = await nightly_status(k8s)
     assert status["lastScheduleTime"] == "2026-11-24T10:03:00Z"
-    assert [run["scheduledTime"] for run in cast(list[dict[str, str]], status["runs"])] == [
-        "2026-11-24T10:03:00Z", "2026-11-24T10:02:00Z", "2026-11-24T10:01:00Z"]
+    assert status.pop("ticks") == ["2026-11-24T10:03:00Z", "2026-11-24T10:02:00Z", "2026-11-24T10:01:00Z"]
     assert stored[-1]["status"] == status
     assert ctx.metrics.duplicate_enqueues.labels(source="schedule")._value.get() == 0
 
@@ -261,18 +278,12 @@ async def test_a_write_that_fails_for_a_passing_reason_is_tried_again_and_lands(
     ctx = context(slow_api, redis, Clock(T0 + timedelta(seconds=30)))
     body = await create(k8s)
     key = ("SyncSchedule", k8s.namespace, "nightly")
-    writer: StatusWriter[tuple[str, str, str]] = StatusWriter(ctx, lambda _, written: None, retry_seconds=0.05)
     slow_api.failures = [TimeoutError(), ApiError(503, "ServiceUnavailable", "etcd is busy")]
-    writer.start()
-    try:
-        step = await advance_schedule(ctx, body)  # the 10:01 tick
-        writer.submit(key, step)
+    async with writing(ctx, retry_seconds=0.05) as writer:
+        writer.submit(key, await advance_schedule(ctx, body))  # the 10:01 tick
         await until(lambda: holds(len(writer) == 0), what="the write landed")
-    finally:
-        await writer.stop()
     assert slow_api.status_writes == 3
-    status = (await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=10))["status"]
-    assert status["lastScheduleTime"] == "2026-11-24T10:01:00Z"
+    assert (await nightly_status(k8s))["lastScheduleTime"] == "2026-11-24T10:01:00Z"
     retries = [record for record in caplog.records if "trying again" in record.getMessage()]
     assert [record.levelname for record in retries] == ["WARNING", "WARNING"]
     assert [record.getMessage() for record in retries] == [
@@ -288,10 +299,8 @@ async def test_a_retry_never_overwrites_a_newer_status(
     ctx = context(slow_api, redis, clock)
     body = await create(k8s)
     key = ("SyncSchedule", k8s.namespace, "nightly")
-    writer: StatusWriter[tuple[str, str, str]] = StatusWriter(ctx, lambda _, written: None, retry_seconds=0.3)
     slow_api.failures = [TimeoutError()]
-    writer.start()
-    try:
+    async with writing(ctx, retry_seconds=0.3) as writer:
         first = await advance_schedule(ctx, body)  # the 10:01 tick; its write times out
         writer.submit(key, first)
         await until(lambda: holds(slow_api.status_writes == 1 and len(writer._writing) == 0), what="the failure")
@@ -301,13 +310,10 @@ async def test_a_retry_never_overwrites_a_newer_status(
         writer.submit(key, second)
         await until(lambda: holds(len(writer) == 0), what="the newer write")
         await asyncio.sleep(0.5)  # past the cancelled retry's time
-    finally:
-        await writer.stop()
     assert slow_api.status_writes == 2
-    status = (await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=10))["status"]
-    assert status["lastScheduleTime"] == "2026-11-24T10:02:00Z"
-    assert [run["scheduledTime"] for run in cast(list[dict[str, str]], status["runs"])] == [
-        "2026-11-24T10:02:00Z", "2026-11-24T10:01:00Z"]
+    status = await nightly_status(k8s)
+    assert (status["lastScheduleTime"], status["ticks"]) == (
+        "2026-11-24T10:02:00Z", ["2026-11-24T10:02:00Z", "2026-11-24T10:01:00Z"])
 
 
 async def test_a_tick_is_enqueued_on_time_while_the_last_ticks_status_is_still_being_written(
