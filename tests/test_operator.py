@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,10 +20,11 @@ from arq.connections import ArqRedis
 
 from kubearq.operator.context import SYNC_SCHEDULES
 from kubearq.operator.kube import LEASES
-from kubearq.operator.main import quiet_kopf_watch_finalization, run_operator
+from kubearq.operator.main import KopfStoppedError, quiet_kopf_watch_finalization, run_operator
 from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import create_redis
+from tests.crd_rules import REPO
 from tests.emulator import KubernetesUnderTest
 from tests.services import free_port
 
@@ -195,3 +199,44 @@ async def test_kopfs_watch_stream_closed_at_exit_is_not_an_error(caplog: pytest.
     errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
     assert len(errors) == 1
     assert errors[0].startswith(f"an error occurred during closing of asynchronous generator {ours!r}")
+
+
+async def test_sigterm_to_the_operator_process_releases_the_lease_and_exits(
+        k8s: KubernetesUnderTest, redis_url: str) -> None:
+    # kopf, started in the main thread, takes SIGTERM for itself: the process stopped kopf alone and kept
+    # the Lease (and leading) until it was killed.
+    env = {**os.environ, "KUBECONFIG": str(k8s.kubeconfig), "REDIS_URL": redis_url, "NAMESPACE": k8s.namespace,
+           "LEASE_NAMESPACE": k8s.namespace, "POD_NAME": "solo", "HTTP_HOST": "127.0.0.1",
+           "HTTP_PORT": str(free_port()), "LOG_LEVEL": "INFO"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubearq.cli", "operator", env=env, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await eventually(lambda: _holder_is(k8s, "solo"), what="leadership")
+        await asyncio.sleep(0.5)  # kopf is up and watching: its signal handlers are installed by now
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            output, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, output.decode()[-3000:]
+    assert await lease_holder(k8s) == ""
+    assert b"stopping: releasing the Lease" in output
+
+
+async def test_kopf_stopping_on_its_own_stops_the_replica_with_an_error(
+        k8s: KubernetesUnderTest, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def kopf_that_gives_up(**_: object) -> None:
+        await asyncio.sleep(0.5)
+        raise RuntimeError("the watch failed for good")
+
+    monkeypatch.setattr(kopf, "operator", kopf_that_gives_up)
+    settings = OperatorSettings(redis_url=redis_url, namespace=k8s.namespace, lease_namespace=k8s.namespace,
+                                http_host="127.0.0.1", http_port=free_port())
+    async with asyncio.timeout(30):
+        with pytest.raises(KopfStoppedError, match=r"^kopf stopped watching: the watch failed for good$"):
+            await run_operator(settings, k8s.connection, stop=asyncio.Event(), identity="solo",
+                               reconcilers={"SyncSchedule": reconcile_schedule})
+    assert await lease_holder(k8s) == ""  # released on the way out

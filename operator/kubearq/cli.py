@@ -92,7 +92,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_operator() -> int:
-    from kubearq.operator.main import NoKubernetesCredentials, default_connection, run
+    from kubearq.operator.main import KopfStoppedError, NoKubernetesCredentials, default_connection, run
     from kubearq.operator.settings import OperatorSettings
     from kubearq.worker.observability import configure_logging
 
@@ -106,7 +106,10 @@ def run_operator() -> int:
         print(f"kubearq operator: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    run(settings, connection)
+    try:
+        run(settings, connection)
+    except KopfStoppedError:
+        return 1  # logged already; a restart watches afresh
     return 0
 
 

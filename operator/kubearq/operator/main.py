@@ -342,11 +342,18 @@ def default_connection() -> kopf.ConnectionInfo:
     return connection
 
 
+class KopfStoppedError(RuntimeError):
+    """kopf stopped watching on its own: the replica stops too, so that Kubernetes restarts it."""
+
+
 async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionInfo, *,
                        stop: asyncio.Event, ready: asyncio.Event | None = None,
                        now: Callable[[], datetime] = utc_now, identity: str | None = None,
-                       reconcilers: Mapping[str, Reconciler] | None = None) -> None:
-    """Everything one operator replica does, until `stop` is set."""
+                       reconcilers: Mapping[str, Reconciler] | None = None, handle_signals: bool = False) -> None:
+    """Everything one operator replica does, until `stop` is set (or SIGTERM/SIGINT, with `handle_signals`).
+
+    Raises KopfStoppedError if kopf stopped before `stop` was set: without its watch the store goes stale.
+    """
     # kopf logs "Handler ... succeeded." at INFO for every watch event the spies see: a line per object per
     # status write. Its warnings and errors still come through.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
@@ -394,6 +401,25 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         clusterwide=not settings.namespace, namespaces=list(namespaces), stop_flag=kopf_stop,
         ready_flag=watching_ready,
     ), name="kubearq-kopf")
+    kopf_ended_first: list[BaseException | None] = []
+
+    def kopf_ended(task: asyncio.Task[None]) -> None:
+        if stop.is_set():
+            return
+        error = None if task.cancelled() else task.exception()
+        kopf_ended_first.append(error)
+        logger.error("kopf stopped watching (%s); stopping this replica", error or "it exited")
+        stop.set()
+
+    watching.add_done_callback(kopf_ended)
+    reclaiming: asyncio.Task[None] | None = None
+    if handle_signals:
+        catch_signals(stop)
+        # kopf, in the main thread, takes SIGTERM and SIGINT for itself once started: it then stopped alone,
+        # cancelling the leader's work, while this replica kept the Lease. Take them back once it is up.
+        reclaiming = asyncio.create_task(_after(watching_ready, lambda: catch_signals(stop)),
+                                         name="kubearq-signals")
+
     async def stop_kopf() -> None:
         kopf_stop.set()
         await asyncio.wait({watching}, timeout=30)
@@ -415,7 +441,23 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         stopping.push_async_callback(stop_kopf)
         stopping.push_async_callback(stop_task, listing, 10, "the start-up listing")
         stopping.push_async_callback(release_lease)
+        if reclaiming is not None:
+            stopping.push_async_callback(stop_task, reclaiming, 10, "the signal handlers' setup")
         await stop.wait()
+    if kopf_ended_first:
+        raise KopfStoppedError(f"kopf stopped watching: {kopf_ended_first[0] or 'it exited'}")
+
+
+def catch_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set `stop` (the Lease is released, then everything stops)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _after(event: asyncio.Event, then: Callable[[], None]) -> None:
+    await event.wait()
+    then()
 
 
 def tune_gc() -> None:
@@ -443,11 +485,7 @@ def run(settings: OperatorSettings, connection: kopf.ConnectionInfo) -> None:
     tune_gc()
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.set_exception_handler(quiet_kopf_watch_finalization)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run_operator(settings, connection, stop=stop)
+        asyncio.get_running_loop().set_exception_handler(quiet_kopf_watch_finalization)
+        await run_operator(settings, connection, stop=asyncio.Event(), handle_signals=True)
 
     asyncio.run(main())
