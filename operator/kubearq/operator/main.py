@@ -14,7 +14,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -346,6 +346,45 @@ class KopfStoppedError(RuntimeError):
     """kopf stopped watching on its own: the replica stops too, so that Kubernetes restarts it."""
 
 
+@dataclass
+class KopfWatch:
+    """kopf watching both resources into the store; if it stops before the replica does, it sets `stop`."""
+
+    task: asyncio.Task[None]
+    flag: asyncio.Event
+    ended_first: list[BaseException | None] = field(default_factory=list)
+    """What kopf ended with (None: it just exited), when it ended before the replica's stop."""
+
+    @classmethod
+    def start(cls, store: ResourceStore, connection: kopf.ConnectionInfo, settings: OperatorSettings, *,
+              ready: asyncio.Event, stop: asyncio.Event) -> KopfWatch:
+        flag = asyncio.Event()
+        task = asyncio.create_task(kopf.operator(
+            registry=build_registry(store, connection), settings=kopf_settings(), standalone=True,
+            clusterwide=not settings.namespace, namespaces=[settings.namespace] if settings.namespace else [],
+            stop_flag=flag, ready_flag=ready,
+        ), name="kubearq-kopf")
+        watch = cls(task, flag)
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if stop.is_set():
+                return
+            error = None if task.cancelled() else task.exception()
+            watch.ended_first.append(error)
+            logger.error("kopf stopped watching (%s); stopping this replica", error or "it exited")
+            stop.set()
+
+        task.add_done_callback(ended)
+        return watch
+
+    async def stop(self) -> None:
+        self.flag.set()
+        await asyncio.wait({self.task}, timeout=30)
+        if not self.task.done():  # cancelled here, its watch streams close before the loop does
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
 async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionInfo, *,
                        stop: asyncio.Event, ready: asyncio.Event | None = None,
                        now: Callable[[], datetime] = utc_now, identity: str | None = None,
@@ -394,24 +433,7 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     refresher.start()
     chosen = reconcilers if reconcilers is not None else default_reconcilers()
     electing = asyncio.create_task(elector.run(lambda: lead(ctx, store, chosen)), name="kubearq-election")
-    kopf_stop = asyncio.Event()
-    namespaces: Iterable[str] = [settings.namespace] if settings.namespace else []
-    watching = asyncio.create_task(kopf.operator(
-        registry=build_registry(store, connection), settings=kopf_settings(), standalone=True,
-        clusterwide=not settings.namespace, namespaces=list(namespaces), stop_flag=kopf_stop,
-        ready_flag=watching_ready,
-    ), name="kubearq-kopf")
-    kopf_ended_first: list[BaseException | None] = []
-
-    def kopf_ended(task: asyncio.Task[None]) -> None:
-        if stop.is_set():
-            return
-        error = None if task.cancelled() else task.exception()
-        kopf_ended_first.append(error)
-        logger.error("kopf stopped watching (%s); stopping this replica", error or "it exited")
-        stop.set()
-
-    watching.add_done_callback(kopf_ended)
+    watch = KopfWatch.start(store, connection, settings, ready=watching_ready, stop=stop)
     reclaiming: asyncio.Task[None] | None = None
     if handle_signals:
         catch_signals(stop)
@@ -419,13 +441,6 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         # cancelling the leader's work, while this replica kept the Lease. Take them back once it is up.
         reclaiming = asyncio.create_task(_after(watching_ready, lambda: catch_signals(stop)),
                                          name="kubearq-signals")
-
-    async def stop_kopf() -> None:
-        kopf_stop.set()
-        await asyncio.wait({watching}, timeout=30)
-        if not watching.done():  # cancelled here, its watch streams close before the loop does
-            watching.cancel()
-            await asyncio.gather(watching, return_exceptions=True)
 
     async def release_lease() -> None:
         logger.info("stopping: releasing the Lease")
@@ -438,14 +453,14 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         stopping.push_async_callback(api.aclose)
         stopping.push_async_callback(probes.stop)
         stopping.push_async_callback(refresher.stop)
-        stopping.push_async_callback(stop_kopf)
+        stopping.push_async_callback(watch.stop)
         stopping.push_async_callback(stop_task, listing, 10, "the start-up listing")
         stopping.push_async_callback(release_lease)
         if reclaiming is not None:
             stopping.push_async_callback(stop_task, reclaiming, 10, "the signal handlers' setup")
         await stop.wait()
-    if kopf_ended_first:
-        raise KopfStoppedError(f"kopf stopped watching: {kopf_ended_first[0] or 'it exited'}")
+    if watch.ended_first:
+        raise KopfStoppedError(f"kopf stopped watching: {watch.ended_first[0] or 'it exited'}")
 
 
 def catch_signals(stop: asyncio.Event) -> None:
