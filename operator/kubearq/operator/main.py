@@ -59,6 +59,11 @@ def _set_event() -> asyncio.Event:
     return event
 
 
+def passing(error: BaseException) -> bool:
+    """A failure worth one warning line and a retry, not a traceback: Redis or the API briefly away."""
+    return isinstance(error, TRANSIENT_ERRORS) or is_transient(error)
+
+
 def _revision(body: KubeObject) -> int | None:
     version = body.get("metadata", {}).get("resourceVersion")
     return int(version) if isinstance(version, str) and version.isdigit() else None
@@ -147,10 +152,10 @@ async def list_into(api: KubeApi, store: ResourceStore, namespace: str | None, *
         except Exception as error:
             attempt += 1
             delay = min(30.0, retry_seconds * 2 ** (attempt - 1))
-            if not (isinstance(error, TRANSIENT_ERRORS) or is_transient(error)):
-                logger.exception("listing the resources failed; trying again in %g s", delay)
-            else:
+            if passing(error):
                 logger.warning("listing the resources failed (%s); trying again in %g s", error, delay)
+            else:
+                logger.exception("listing the resources failed; trying again in %g s", delay)
             await asyncio.sleep(delay)
     for kind, listing in listings:
         for item in listing.items:
@@ -168,10 +173,10 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
     """The leader's loop: reconcile everything once, then what changed and what is due."""
     heap: FireHeap[Key] = FireHeap()
     armed: dict[Key, ArmedTick] = {}
-    writer: StatusWriter[Key] = StatusWriter(ctx, on_written=lambda key, body: store.observe(key[0], "MODIFIED", body))
-    writer.start()
     # The first pass over a half-listed store would leave the rest to come in one by one.
     await wait_or_timeout(store.listed, LISTED_WAIT.total_seconds())
+    writer: StatusWriter[Key] = StatusWriter(ctx, on_written=lambda key, body: store.observe(key[0], "MODIFIED", body))
+    writer.start()
     store.dirty.update(store.objects)
     logger.info("leading: reconciling %d objects", len(store.objects))
     try:
@@ -265,7 +270,7 @@ async def guarded(ctx: OperatorContext, key: Key, coroutine: Awaitable[T]) -> T 
         raise
     except Exception as error:
         ctx.metrics.count_error(f"reconcile_{kind}")
-        if isinstance(error, TRANSIENT_ERRORS) or is_transient(error):
+        if passing(error):
             logger.warning("reconciling %s %s/%s failed: %s; retrying", kind, namespace, name, error)
         else:
             logger.exception("reconciling %s %s/%s failed; retrying", kind, namespace, name)
@@ -285,7 +290,7 @@ async def reconcile_one(ctx: OperatorContext, key: Key, body: KubeObject,
         raise  # leadership is gone: the elector cancels this loop
     except Exception as error:
         ctx.metrics.count_error(f"reconcile_{kind}")
-        if isinstance(error, TRANSIENT_ERRORS) or is_transient(error):
+        if passing(error):
             logger.warning("reconciling %s %s/%s failed: %s; retrying", kind, namespace, name, error)
         else:
             logger.exception("reconciling %s %s/%s failed; retrying", kind, namespace, name)
