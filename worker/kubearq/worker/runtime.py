@@ -364,11 +364,11 @@ class KubearqWorker(Worker):
         # ARQ's completion as one script instead of a MULTI of six commands, with the scripts the job asked
         # for (`on_finish`) in the same round trip: a scrape page's progress costed a round trip of its own.
         scripts = self._on_finish.pop(job_id, [])
-        expire = None if keep_result_forever or result_timeout_s is None else round(result_timeout_s * 1000)
+        expire = None if keep_result_forever or result_timeout_s is None else max(1, round(result_timeout_s * 1000))
         keys = [in_progress_key_prefix + job_id, result_key_prefix + job_id, retry_key_prefix + job_id,
                 job_key_prefix + job_id, abort_jobs_ss, self.queue_name]
         args = [job_id, int(finish), result_data or b"", "" if expire is None else expire, incr_score or "",
-                "" if keep_in_progress is None else round(keep_in_progress * 1000)]
+                "" if keep_in_progress is None else max(1, round(keep_in_progress * 1000))]
         async with self.pool.pipeline(transaction=False) as pipe:
             for extra in scripts if finish else ():
                 pipe.execute_command("EVAL", extra.script, len(extra.keys), *extra.keys, *extra.args)
