@@ -362,7 +362,7 @@ class KubearqWorker(Worker):
         keep_in_progress: float | None,
     ) -> None:
         # ARQ's completion as one script instead of a MULTI of six commands, with the scripts the job asked
-        # for (`on_finish`) in the same round trip: a scrape page's progress costed a round trip of its own.
+        # for (`on_finish`) in the same round trip: a scrape page's progress cost a round trip of its own.
         scripts = self._on_finish.pop(job_id, [])
         expire = None if keep_result_forever or result_timeout_s is None else max(1, round(result_timeout_s * 1000))
         keys = [in_progress_key_prefix + job_id, result_key_prefix + job_id, retry_key_prefix + job_id,
