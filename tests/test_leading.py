@@ -110,14 +110,15 @@ def test_deleted_uids_kept_are_bounded() -> None:
 
 
 class FailingListApi(KubeApi):
-    """The emulator's API, whose first `failures` lists answer 503."""
+    """The emulator's API, whose first `failures` lists fail with `error`."""
 
     failures = 0
+    error = ApiError(503, "ServiceUnavailable", "etcd is busy")
 
     async def list(self, resource: Resource, **options: Any) -> ObjectList:
         if self.failures:
             self.failures -= 1
-            raise ApiError(503, "ServiceUnavailable", "etcd is busy")
+            raise self.error
         return await super().list(resource, **options)
 
 
@@ -146,6 +147,22 @@ async def test_the_start_up_listing_puts_every_object_in_the_store_through_api_f
         ("kubearq.dev/v1alpha1", "ScrapeRequest"), ("kubearq.dev/v1alpha1", "SyncSchedule")}
     assert [record.levelname for record in caplog.records if "listing the resources failed" in record.getMessage()
             ] == ["WARNING", "WARNING"]
+
+
+async def test_a_listing_the_rbac_forbids_says_so_in_one_error_line_and_is_retried(
+        k8s: KubernetesUnderTest, caplog: pytest.LogCaptureFixture) -> None:
+    api = FailingListApi(k8s.connection)
+    api.failures, api.error = 1, ApiError(403, "Forbidden", 'cannot list resource "syncschedules"')
+    store = ResourceStore(listed=asyncio.Event())
+    try:
+        await list_into(api, store, k8s.namespace, retry_seconds=0.01)
+    finally:
+        await api.aclose()
+    assert store.listed.is_set()
+    [record] = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert record.getMessage() == ('listing the resources failed (403 Forbidden: cannot list resource '
+                                   '"syncschedules"); trying again in 0.01 s')
+    assert record.exc_info is None
 
 
 async def test_a_new_leader_waits_for_the_start_up_listing_before_its_first_pass(

@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 import kopf
 
 from kubearq.operator.context import OperatorContext, utc_now
-from kubearq.operator.kube import KubeApi, KubeObject, Resource, is_transient
+from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource, is_transient
 from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLeaderError
 from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
 from kubearq.operator.resources import GROUP, VERSION
@@ -154,6 +154,8 @@ async def list_into(api: KubeApi, store: ResourceStore, namespace: str | None, *
             delay = min(30.0, retry_seconds * 2 ** (attempt - 1))
             if passing(error):
                 logger.warning("listing the resources failed (%s); trying again in %g s", error, delay)
+            elif isinstance(error, ApiError):  # e.g. 403: RBAC without list; not ready until it lists
+                logger.error("listing the resources failed (%s); trying again in %g s", error, delay)
             else:
                 logger.exception("listing the resources failed; trying again in %g s", delay)
             await asyncio.sleep(delay)
