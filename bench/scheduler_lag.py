@@ -101,7 +101,8 @@ def quantile(values: list[float], q: float) -> float:
     return values[max(0, int(len(values) * q) - 1)]
 
 
-async def main(schedules: int, minutes: int, pipe: multiprocessing.connection.Connection) -> None:
+async def main(schedules: int, minutes: int, pipe: multiprocessing.connection.Connection,
+               start_before_tick: float | None = None) -> None:
     base_url = pipe.recv()
     with RedisServer() as server:
         api = KubeApi(kopf.ConnectionInfo(server=base_url))
@@ -117,6 +118,11 @@ async def main(schedules: int, minutes: int, pipe: multiprocessing.connection.Co
             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         settings = OperatorSettings(redis_url=server.url, http_host="127.0.0.1", http_port=free_port(),
                                     log_level="WARNING")
+        if start_before_tick is not None:  # a cold start this many seconds before a tick
+            boundary = (int(time.time()) // 60 + 1) * 60
+            if boundary - time.time() < start_before_tick:
+                boundary += 60
+            await asyncio.sleep(boundary - start_before_tick - time.time())
         stop = asyncio.Event()
         asyncio.get_running_loop().set_exception_handler(quiet_kopf_watch_finalization)  # as `kubearq operator`
         operator = asyncio.create_task(run_operator(settings, kopf.ConnectionInfo(server=base_url), stop=stop,
@@ -133,7 +139,7 @@ async def main(schedules: int, minutes: int, pipe: multiprocessing.connection.Co
                         operator.result()
                 lags = await enqueue_lags(redis, uids, tick)
                 written = await statuses_at(api, tick)
-                label = (f"first tick, {tick - launched:.0f} s after a cold start (kopf may still be listing)"
+                label = (f"first tick, {tick - launched:.0f} s after a cold start"
                          if minute == 0 else f"minute {minute}")
                 if not lags:
                     print(f"{label}: no job enqueued for the tick", flush=True)
@@ -157,6 +163,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedules", type=int, default=10_000)
     parser.add_argument("--minutes", type=int, default=3, help="steady-state minutes after the first tick")
+    parser.add_argument("--start-before-tick", type=float, default=None, metavar="SECONDS",
+                        help="start the operator this long before a minute's tick (a cold start just before one)")
     arguments = parser.parse_args()
     receiving, sending = multiprocessing.Pipe(duplex=False)
     emulator = multiprocessing.get_context("spawn").Process(target=serve_emulator, args=(sending,), daemon=True)
@@ -167,6 +175,6 @@ if __name__ == "__main__":
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(LOG.open("a"))
     try:
-        asyncio.run(main(arguments.schedules, arguments.minutes, receiving))
+        asyncio.run(main(arguments.schedules, arguments.minutes, receiving, arguments.start_before_tick))
     finally:
         emulator.kill()
