@@ -122,6 +122,20 @@ class FailingListApi(KubeApi):
         return await super().list(resource, **options)
 
 
+async def listed_through(k8s: KubernetesUnderTest, failures: int, error: ApiError | None = None) -> ResourceStore:
+    """A store filled by `list_into` through an API whose first `failures` lists fail (with `error`)."""
+    api = FailingListApi(k8s.connection)
+    api.failures = failures
+    if error is not None:
+        api.error = error
+    store = ResourceStore(listed=asyncio.Event())
+    try:
+        await list_into(api, store, k8s.namespace, retry_seconds=0.01)
+    finally:
+        await api.aclose()
+    return store
+
+
 async def test_the_start_up_listing_puts_every_object_in_the_store_through_api_failures(
         k8s: KubernetesUnderTest, caplog: pytest.LogCaptureFixture) -> None:
     for name in ("a", "b", "c"):
@@ -132,13 +146,7 @@ async def test_the_start_up_listing_puts_every_object_in_the_store_through_api_f
     await k8s.api.create(SCRAPE_REQUESTS, {
         "apiVersion": "kubearq.dev/v1alpha1", "kind": "ScrapeRequest", "metadata": {"name": "events"},
         "spec": {"urls": ["https://example.com/"]}}, namespace=k8s.namespace, timeout=10)
-    api = FailingListApi(k8s.connection)
-    api.failures = 2
-    store = ResourceStore(listed=asyncio.Event())
-    try:
-        await list_into(api, store, k8s.namespace, retry_seconds=0.01)
-    finally:
-        await api.aclose()
+    store = await listed_through(k8s, failures=2)
     assert store.listed.is_set()
     assert sorted(store.objects) == [("ScrapeRequest", k8s.namespace, "events"),
                                      *(("SyncSchedule", k8s.namespace, name) for name in ("a", "b", "c"))]
@@ -151,13 +159,8 @@ async def test_the_start_up_listing_puts_every_object_in_the_store_through_api_f
 
 async def test_a_listing_the_rbac_forbids_says_so_in_one_error_line_and_is_retried(
         k8s: KubernetesUnderTest, caplog: pytest.LogCaptureFixture) -> None:
-    api = FailingListApi(k8s.connection)
-    api.failures, api.error = 1, ApiError(403, "Forbidden", 'cannot list resource "syncschedules"')
-    store = ResourceStore(listed=asyncio.Event())
-    try:
-        await list_into(api, store, k8s.namespace, retry_seconds=0.01)
-    finally:
-        await api.aclose()
+    store = await listed_through(k8s, failures=1,
+                                 error=ApiError(403, "Forbidden", 'cannot list resource "syncschedules"'))
     assert store.listed.is_set()
     [record] = [record for record in caplog.records if record.levelname == "ERROR"]
     assert record.getMessage() == ('listing the resources failed (403 Forbidden: cannot list resource '
