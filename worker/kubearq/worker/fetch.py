@@ -403,17 +403,9 @@ class Fetcher:
 
     async def _check_robots(self, requested: str, url: str, previous: str | None) -> None:
         rules = await self._robots.get(origin_key(url), lambda: self._load_robots(url, requested, previous))
-        if rules.allows(url, self.policy.user_agent):
-            return
-        if rules.temporary:
-            raise RobotsDisallowedError(requested, (
-                f"skipped {redact_url(url)}: its robots.txt is unreachable ({rules.source}), which RFC 9309 "
-                "says to treat as disallowing everything; a later try may succeed"
-            ), retryable=True)
-        raise RobotsDisallowedError(requested, (
-            f"skipped {redact_url(url)}: {rules.url} disallows it for user agent "
-            f"{self.policy.user_agent!r}; set fetch.obeyRobotsTxt: false to fetch it anyway"
-        ), retryable=False)
+        refused = robots_refusal(rules, url, self.policy.user_agent, requested=requested)
+        if refused is not None:
+            raise refused
 
     async def _load_robots(self, url: str, requested: str | None = None, previous: str | None = None) -> RobotsRules:
         """Fetch robots.txt for `url` through the same checks as pages and decide what it means."""
@@ -438,6 +430,22 @@ class Fetcher:
         logger.info("robots.txt %s: %s, so %s", source, rules.detail, rules.verdict.value,
                     extra={"url": source, "robots_verdict": rules.verdict.value})
         return rules
+
+
+def robots_refusal(rules: RobotsRules, url: str, user_agent: str, *, requested: str | None = None,
+                   ) -> RobotsDisallowedError | None:
+    """Why robots.txt refuses `url` (reached on the way to `requested`, if a redirect led there), or None."""
+    if rules.allows(url, user_agent):
+        return None
+    if rules.temporary:
+        return RobotsDisallowedError(requested or url, (
+            f"skipped {redact_url(url)}: its robots.txt is unreachable ({rules.source}), which RFC 9309 "
+            "says to treat as disallowing everything; a later try may succeed"
+        ), retryable=True)
+    return RobotsDisallowedError(requested or url, (
+        f"skipped {redact_url(url)}: {rules.url} disallows it for user agent "
+        f"{user_agent!r}; set fetch.obeyRobotsTxt: false to fetch it anyway"
+    ), retryable=False)
 
 
 def _without_fragment(url: str) -> str:

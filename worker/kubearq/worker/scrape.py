@@ -56,15 +56,15 @@ from kubearq.worker.fetch import (
     FetchTimeoutError,
     HttpStatusError,
     Page,
-    RobotsDisallowedError,
     UnsafeUrlError,
+    robots_refusal,
 )
 from kubearq.worker.firecrawl import FirecrawlClient, FirecrawlRateLimitedError
 from kubearq.worker.netsafety import Endpoint, NetworkPolicy, redact_url
 from kubearq.worker.observability import log_context
 from kubearq.worker.queueing import NewJob, Tally, enqueue_many
 from kubearq.worker.ratelimit import SharedRateLimiter, bucket_key
-from kubearq.worker.robots import RobotsCache, RobotsRules
+from kubearq.worker.robots import RobotsCache
 from kubearq.worker.runtime import Backoff, Defer, FinishScript, on_finish
 from kubearq.worker.safehttp import Resolver
 from kubearq.worker.storage import RequestRef as StoredRequest
@@ -116,21 +116,6 @@ def retry_delay(policy: RetryPolicy, job_try: int, retry_after: float | None = N
 def is_final(error: FetchError, job_try: int, policy: RetryPolicy) -> bool:
     """A failure is final when retrying cannot help or this was the request's last try."""
     return not error.retryable or job_try >= policy.max_tries
-
-
-def robots_refusal(rules: RobotsRules, url: str, user_agent: str) -> RobotsDisallowedError | None:
-    """The fetcher's robots.txt verdict, asked before a rate-limit token is spent on a page it would refuse."""
-    if rules.allows(url, user_agent):
-        return None
-    if rules.temporary:
-        return RobotsDisallowedError(url, (
-            f"skipped {redact_url(url)}: its robots.txt is unreachable ({rules.source}), which RFC 9309 "
-            "says to treat as disallowing everything; a later try may succeed"
-        ), retryable=True)
-    return RobotsDisallowedError(url, (
-        f"skipped {redact_url(url)}: {rules.url} disallows it for user agent "
-        f"{user_agent!r}; set fetch.obeyRobotsTxt: false to fetch it anyway"
-    ), retryable=False)
 
 
 # --- Progress in Redis ----------------------------------------------------------------------------------------
