@@ -44,7 +44,8 @@ from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import create_redis
 from kubearq.worker.contract import deserialize
 from kubearq.worker.observability import configure_logging
-from tests.emulator import project_crds, running_emulator
+from tests.emulator import running_emulator
+from tests.kubernetes import project_crds
 from tests.services import RedisServer, free_port
 
 

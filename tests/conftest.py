@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 import redis
 
-from tests.emulator import k8s  # noqa: F401
+from tests.kubernetes import add_options, control_plane, k8s, mark_kubernetes_tier, summary_line  # noqa: F401
 from tests.scheduling import serving_redis  # noqa: F401
 from tests.services import PostgresServer, RedisServer
 
@@ -84,3 +84,15 @@ async def db(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     yield connection
     await connection.close()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mark_kubernetes_tier(items)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    terminalreporter.write_line(summary_line(config))

@@ -8,6 +8,7 @@ string, array and map (the CEL cost budget), server-side defaulting, and CEL rul
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import cast
@@ -133,22 +134,33 @@ def is_transition_rule(rule: str) -> bool:
     return "oldSelf" in rule
 
 
-def cel_failures(schema: JsonObject, obj: JsonObject, old: JsonObject | None = None) -> list[str]:
-    """Messages of the CEL rules the (defaulted) object breaks, as `path: message`.
+@functools.cache
+def _program(rule: str) -> celpy.Runner:
+    environment = celpy.Environment()
+    return environment.program(environment.compile(rule))
+
+
+def cel_violations(schema: JsonObject, obj: JsonObject, old: JsonObject | None = None, *,
+                   ratchet: bool = False) -> list[tuple[str, str]]:
+    """(schema path, message) of the CEL rules the (defaulted) object breaks.
 
     Transition rules run only with `old` (an update) and where the old object has the value too, as the
     server runs them; they are supported on object paths, not inside lists (no item correlation here).
+    With `ratchet`, a rule whose value is unchanged from `old` is not run (the server's validation
+    ratcheting: an unchanged value that breaks a rule does not fail an update).
     """
-    environment = celpy.Environment()
-    failures = []
+    violations = []
     for path, rule, message in cel_rules(schema):
-        program = environment.program(environment.compile(rule))
+        program = _program(rule)
         transition = is_transition_rule(rule)
         if transition:
             assert "[]" not in path, f"transition rule inside a list at {path}: correlate items first"
             if old is None or not _node_at(old, path):
                 continue
-        for value in _node_at(obj, path):
+        values = _node_at(obj, path)
+        if ratchet and old is not None and "[]" not in path and values == _node_at(old, path):
+            continue
+        for value in values:
             activation = {"self": json_to_cel(cast(dict[str, object], value))}
             if transition:
                 assert old is not None
@@ -157,8 +169,13 @@ def cel_failures(schema: JsonObject, obj: JsonObject, old: JsonObject | None = N
             if isinstance(outcome, CELEvalError):
                 raise AssertionError(f"rule {rule!r} at {path} does not evaluate on {value!r}: {outcome}")
             if not bool(outcome):
-                failures.append(f"{path.lstrip('.')}: {message}")
-    return failures
+                violations.append((path.lstrip("."), message))
+    return violations
+
+
+def cel_failures(schema: JsonObject, obj: JsonObject, old: JsonObject | None = None) -> list[str]:
+    """Messages of the CEL rules the (defaulted) object breaks, as `path: message` (see `cel_violations`)."""
+    return [f"{path}: {message}" for path, message in cel_violations(schema, obj, old)]
 
 
 def server_problems(crd: JsonObject, obj: Mapping[str, object], old: Mapping[str, object] | None = None) -> list[str]:

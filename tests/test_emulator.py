@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from kubearq.operator import kube
-from tests.emulator import WIDGET_CRD, WIDGETS, KubernetesUnderTest
+from tests.kubernetes import WIDGET_CRD, WIDGETS, KubernetesUnderTest
 
 T = 10.0  # seconds for any one request
 STALE = ('Operation cannot be fulfilled on widgets.test.kubearq.dev "w1": the object has been modified; '
@@ -35,9 +35,8 @@ def ns(k8s_widgets: KubernetesUnderTest) -> str:
 
 @pytest.fixture
 async def raw(k8s_widgets: KubernetesUnderTest) -> AsyncIterator[httpx.AsyncClient]:
-    """Plain HTTP with the same login, for what the adapter does not send on purpose."""
-    headers = k8s_widgets.connection.as_http_headers()
-    async with httpx.AsyncClient(base_url=k8s_widgets.server, headers=headers, timeout=T) as client:
+    """Plain HTTP with the same login and TLS settings, for what the adapter does not send on purpose."""
+    async with k8s_widgets.http_client(timeout=T) as client:
         yield client
 
 
@@ -121,13 +120,44 @@ async def test_replace_with_current_resource_version_succeeds(api: kube.KubeApi,
 
 async def test_replace_of_custom_resource_needs_resource_version(api: kube.KubeApi, ns: str) -> None:
     await create_widget(api, ns)
+    body = {'apiVersion': WIDGETS.api_version, 'kind': 'Widget', 'metadata': {'name': 'w1'}, 'spec': {}}
 
     with pytest.raises(kube.ApiError) as error:
-        await api.replace(WIDGETS, 'w1', {'metadata': {'name': 'w1'}, 'spec': {}}, namespace=ns, timeout=T)
+        await api.replace(WIDGETS, 'w1', body, namespace=ns, timeout=T)
 
     assert (error.value.code, error.value.reason) == (422, 'Invalid')
-    assert error.value.message == ('Widget.test.kubearq.dev "w1" is invalid: metadata.resourceVersion: '
-                                   'Invalid value: 0x0: must be specified for an update')
+    assert error.value.message == ('widgets.test.kubearq.dev "w1" is invalid: metadata.resourceVersion: '
+                                   'Invalid value: 0: must be specified for an update')
+    assert error.value.details['kind'] == 'widgets'
+
+
+async def test_custom_object_without_kind_is_a_bad_request(api: kube.KubeApi, ns: str,
+                                                           raw: httpx.AsyncClient) -> None:
+    await create_widget(api, ns)
+
+    response = await raw.put(WIDGETS.path(namespace=ns, name='w1'), content=b'{"metadata":{"name":"w1"},"spec":{}}',
+                             headers={'Content-Type': 'application/json'})
+    created = await raw.post(WIDGETS.path(namespace=ns), content=b'{"metadata":{"name":"w2"}}',
+                             headers={'Content-Type': 'application/json'})
+
+    assert (response.status_code, response.json()['reason']) == (400, 'BadRequest')
+    assert response.json()['message'] == (
+        "the object provided is unrecognized (must be of type Widget): Object 'Kind' is missing in "
+        """'{"metadata":{"name":"w1"},"spec":{}}' ({"metadata":{"name":"w1"},"spe ...)""")
+    assert (created.status_code, created.json()['message']) == (400, (
+        "the object provided is unrecognized (must be of type Widget): Object 'Kind' is missing in "
+        """'{"metadata":{"name":"w2"}}' ({"metadata":{"name":"w2"}})"""))
+
+
+async def test_custom_object_of_another_api_version_is_a_bad_request(api: kube.KubeApi, ns: str) -> None:
+    body = {'apiVersion': 'test.kubearq.dev/v1', 'kind': 'Widget', 'metadata': {'name': 'w1'}}
+
+    with pytest.raises(kube.ApiError) as error:
+        await api.create(WIDGETS, body, namespace=ns, timeout=T)
+
+    assert (error.value.code, error.value.reason, error.value.message) == (400, 'BadRequest', (
+        'the API version in the data (test.kubearq.dev/v1) does not match the expected API version '
+        '(test.kubearq.dev/v1alpha1)'))
 
 
 async def test_create_of_existing_name_is_already_exists(api: kube.KubeApi, ns: str) -> None:
@@ -237,7 +267,7 @@ async def test_finalizers_hold_deletion_until_the_last_is_removed(api: kube.Kube
     assert held['metadata']['deletionTimestamp']
     assert held['metadata']['generation'] == 2  # as markAsDeleting() does
     assert still_held['metadata']['deletionTimestamp'] == held['metadata']['deletionTimestamp']
-    assert released['metadata']['finalizers'] == []
+    assert 'finalizers' not in released['metadata']  # ObjectMeta omits an empty list
     assert seen == ['MODIFIED', 'MODIFIED', 'DELETED']
     with pytest.raises(kube.NotFoundError):
         await api.get(WIDGETS, 'w1', namespace=ns, timeout=T)
@@ -440,7 +470,7 @@ async def test_discovery_serves_custom_resources_with_status_subresource(raw: ht
 async def test_request_without_credentials_is_unauthorized(k8s_widgets: KubernetesUnderTest) -> None:
     k8s_widgets.require_emulator()  # a real cluster's anonymous access is its own policy
     async with httpx.AsyncClient(base_url=k8s_widgets.server, timeout=T) as anonymous:
-        response = await anonymous.get(WIDGETS.path(namespace=k8s_widgets.namespace))
+        response = await anonymous.get(WIDGETS.path(namespace=k8s_widgets.namespace))  # plain HTTP: the emulator
 
     assert response.status_code == 401
     assert response.json()['reason'] == 'Unauthorized'

@@ -19,7 +19,7 @@ from kubearq.operator.scheduler import tick_job_id
 from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import create_redis
-from tests.emulator import KubernetesUnderTest
+from tests.kubernetes import KubernetesUnderTest
 
 
 class DiesBeforeStatus:

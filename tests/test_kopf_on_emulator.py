@@ -11,7 +11,7 @@ import kopf
 import pytest
 
 from kubearq.operator import kube
-from tests.emulator import WIDGET_CRD, WIDGETS, KubernetesUnderTest, eventually
+from tests.kubernetes import WIDGET_CRD, WIDGETS, KubernetesUnderTest, eventually
 
 T = 10.0  # seconds for any one request
 

@@ -18,7 +18,7 @@ import pytest
 
 from kubearq.operator import kube
 from kubearq.operator.leader import MICROTIME_FORMAT, LeaderElectionConfig, LeaderElector, NotLeaderError
-from tests.emulator import KubernetesUnderTest, eventually
+from tests.kubernetes import KubernetesUnderTest, eventually
 
 pytestmark = pytest.mark.looptime
 

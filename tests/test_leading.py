@@ -23,7 +23,7 @@ from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.writer import StatusWriter
 from kubearq.worker.contract import deserialize
 from kubearq.worker.queueing import NewJob
-from tests.emulator import KubernetesUnderTest
+from tests.kubernetes import KubernetesUnderTest
 from tests.polling import until
 from tests.scheduling import Clock
 

@@ -25,7 +25,7 @@ from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import create_redis
 from tests.crd_rules import REPO
-from tests.emulator import KubernetesUnderTest
+from tests.kubernetes import KubernetesUnderTest
 from tests.services import free_port
 
 

@@ -18,7 +18,7 @@ from kubearq.operator.scheduler import tick_job_id
 from kubearq.operator.schedules import keep_history, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.syncschedule import ScheduleRun
-from tests.emulator import KubernetesUnderTest
+from tests.kubernetes import KubernetesUnderTest
 from tests.scheduling import Clock
 
 T0 = datetime(2026, 11, 24, 10, 0, 30, tzinfo=UTC)

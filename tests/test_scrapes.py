@@ -53,7 +53,7 @@ from kubearq.worker.contract import (
     request_jobs_key,
 )
 from kubearq.worker.queueing import NewJob, Tally, enqueue_many
-from tests.emulator import KubernetesUnderTest
+from tests.kubernetes import KubernetesUnderTest
 
 T = 10.0
 QUEUE = "arq:queue"
