@@ -184,7 +184,9 @@ async def test_a_status_write_is_checked_against_the_status_schema(k8s: Kubernet
         {'jobId': 'j1', 'scheduledTime': '2025-01-01T00:00:00Z'}]}, namespace=k8s.namespace, timeout=T)
 
     assert error.value.code == 422
-    assert {(c['field'], c['message']) for c in error.value.details['causes']} == {  # type: ignore[union-attr]
+    found = error.value.details['causes']
+    assert isinstance(found, list)
+    assert {(c['field'], c['message']) for c in found} == {
         ('status.lastScheduleTime',
          'Invalid value: "yesterday": lastScheduleTime in body must be of type date-time: "yesterday"'),
         ('status.conditions[1]', 'Duplicate value: {"type":"Ready"}'),

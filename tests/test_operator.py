@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,7 +20,7 @@ from arq.connections import ArqRedis
 
 from kubearq.operator.context import SYNC_SCHEDULES
 from kubearq.operator.kube import LEASES
-from kubearq.operator.main import KopfStoppedError, quiet_kopf_watch_finalization, run_operator
+from kubearq.operator.main import KopfStoppedError, Reconciler, quiet_kopf_watch_finalization, run_operator
 from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.connections import create_redis
@@ -50,8 +50,13 @@ class Replica:
 
 @asynccontextmanager
 async def replicas(k8s: KubernetesUnderTest, redis_url: str, clock: Callable[[], datetime],
-                   names: tuple[str, ...], queue_stats_interval: float = 1.0) -> AsyncIterator[dict[str, Replica]]:
-    """Operator replicas, each in a thread with its own loop (kopf cancels foreign tasks in its loop)."""
+                   names: tuple[str, ...], queue_stats_interval: float = 1.0,
+                   connection: kopf.ConnectionInfo | None = None,
+                   reconcilers: Mapping[str, Reconciler] | None = None) -> AsyncIterator[dict[str, Replica]]:
+    """Operator replicas, each in a thread with its own loop (kopf cancels foreign tasks in its loop); logged
+    in as the test's admin unless given a `connection`; reconciling schedules unless given `reconcilers`."""
+    login = connection or k8s.connection
+    reconciling = reconcilers or {"SyncSchedule": reconcile_schedule}
     running: dict[str, Replica] = {}
     for name in names:
         port = free_port()
@@ -66,8 +71,7 @@ async def replicas(k8s: KubernetesUnderTest, redis_url: str, clock: Callable[[],
                 stop = asyncio.Event()
                 watcher = asyncio.create_task(asyncio.to_thread(stop_flag.wait))
                 watcher.add_done_callback(lambda _: stop.set())
-                await run_operator(settings, k8s.connection, stop=stop, now=clock, identity=name,
-                                   reconcilers={"SyncSchedule": reconcile_schedule})
+                await run_operator(settings, login, stop=stop, now=clock, identity=name, reconcilers=reconciling)
 
             try:
                 asyncio.run(serve())
