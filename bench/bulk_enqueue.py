@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable
 
 from arq.connections import ArqRedis
 
+from kubearq.core.connections import create_redis
+from kubearq.core.contract import RequestRef, ScrapeSettings, progress_key, request_jobs_key
+from kubearq.core.queueing import Tally, enqueue_many
 from kubearq.operator.scrapes import build_listing_jobs
-from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import RequestRef, ScrapeSettings, progress_key, request_jobs_key
-from kubearq.worker.queueing import Tally, enqueue_many
 from tests.services import RedisServer
 
 TARGET_RATIO = 5.0

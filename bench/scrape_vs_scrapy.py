@@ -30,9 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiohttp import web
 
-from kubearq.worker.builtins import builtin_jobs
-from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import (
+from kubearq.core.connections import create_redis
+from kubearq.core.contract import (
     SCRAPE_LISTING,
     FetchPolicy,
     PageJob,
@@ -44,9 +43,10 @@ from kubearq.worker.contract import (
     progress_key,
     request_jobs_key,
 )
+from kubearq.core.queueing import NewJob, Tally, enqueue_many
+from kubearq.worker.builtins import builtin_jobs
 from kubearq.worker.main import WorkerService
-from kubearq.worker.queueing import NewJob, Tally, enqueue_many
-from kubearq.worker.scrape import NetworkHooks
+from kubearq.worker.scrape.jobs import NetworkHooks
 from kubearq.worker.settings import WorkerSettings
 from tests.services import PostgresServer, RedisServer, free_port
 

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from arq.worker import Worker, func
 
-from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import deserialize, serialize
+from kubearq.core.connections import create_redis
+from kubearq.core.contract import deserialize, serialize
+from kubearq.core.queueing import NewJob, enqueue_many
 from kubearq.worker.main import JobSet, WorkerService
-from kubearq.worker.queueing import NewJob, enqueue_many
 from kubearq.worker.settings import WorkerSettings
 from tests.services import RedisServer
 

@@ -17,7 +17,7 @@ import time
 
 from redis.asyncio import Redis
 
-from kubearq.worker.contract import RateLimit
+from kubearq.core.contract import RateLimit
 from kubearq.worker.ratelimit import SharedRateLimiter
 
 START_TIMEOUT = 60

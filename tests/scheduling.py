@@ -8,8 +8,8 @@ from datetime import datetime
 import pytest
 from arq.connections import ArqRedis
 
-from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import function_registry_key
+from kubearq.core.connections import create_redis
+from kubearq.core.contract import function_registry_key
 
 
 class Clock:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubearq.worker.contract import LinkDiscovery
-from kubearq.worker.extract import JsonObject, JsonValue, extract_css, extract_json_ld, find_links
+from kubearq.core.contract import LinkDiscovery
+from kubearq.worker.scrape.extract import JsonObject, JsonValue, extract_css, extract_json_ld, find_links
 
 CORPUS = Path(__file__).parents[2] / "shared" / "corpora" / "jsonld"
 CORPUS_PAGES = (

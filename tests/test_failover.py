@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
+from kubearq.core.connections import create_redis
 from kubearq.operator.context import SYNC_SCHEDULES, OperatorContext
 from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.scheduler import tick_job_id
 from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
-from kubearq.worker.connections import create_redis
 from tests.kubernetes import KubernetesUnderTest
 
 

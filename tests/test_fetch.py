@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from kubearq.worker.contract import FetchPolicy
-from kubearq.worker.fetch import (
+from kubearq.core.contract import FetchPolicy
+from kubearq.worker.net.http import AddressRefusedError, CheckingResolver, checked_target
+from kubearq.worker.net.policy import NetworkPolicy
+from kubearq.worker.scrape.fetch import (
     Fetcher,
     FetchError,
     FetchTimeoutError,
@@ -34,8 +36,6 @@ from kubearq.worker.fetch import (
     decode_text,
     parse_retry_after,
 )
-from kubearq.worker.netsafety import NetworkPolicy
-from kubearq.worker.safehttp import AddressRefusedError, CheckingResolver, checked_target
 from tests.websites import HTML, FakeResolver, Reply, Website, fetcher_for
 
 HINT = "set fetch.allowPrivateNetworks: true to allow it"

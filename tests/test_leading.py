@@ -13,6 +13,8 @@ from typing import Any, cast
 import pytest
 from arq.connections import ArqRedis
 
+from kubearq.core.contract import deserialize
+from kubearq.core.queueing import NewJob
 from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES, OperatorContext
 from kubearq.operator.kube import ApiError, KubeApi, KubeObject, ObjectList, Resource
 from kubearq.operator.main import DELETED_KEPT, ResourceStore, lead, list_into
@@ -21,8 +23,6 @@ from kubearq.operator.scheduler import tick_job_id
 from kubearq.operator.schedules import ArmedTick, advance_schedule, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.writer import StatusWriter
-from kubearq.worker.contract import deserialize
-from kubearq.worker.queueing import NewJob
 from tests.kubernetes import KubernetesUnderTest
 from tests.polling import until
 from tests.scheduling import Clock

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubearq.worker.netsafety import (
+from kubearq.worker.net.policy import (
     NetworkPolicy,
     address_refusal,
     name_refusal,

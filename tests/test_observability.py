@@ -11,7 +11,7 @@ import pytest
 from kopf._cogs.structs.bodies import Body
 from kopf._core.actions.loggers import ObjectLogger
 
-from kubearq.worker.observability import ContextFilter, configure_logging, log_context
+from kubearq.core.observability import ContextFilter, configure_logging, log_context
 
 
 def test_log_lines_are_json_with_job_and_object_context() -> None:

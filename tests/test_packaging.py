@@ -21,16 +21,17 @@ def test_stdlib_operator_still_imports_from_the_repo_root() -> None:
     assert (result.returncode, result.stdout.strip()) == (0, "5"), result.stderr
 
 
-def test_both_portions_import_from_the_repo_root_and_from_elsewhere() -> None:
-    code = "import kubearq.cli, kubearq.operator.crds, kubearq.worker.contract, operator; operator.add; print('ok')"
+def test_every_portion_imports_from_the_repo_root_and_from_elsewhere() -> None:
+    code = ("import kubearq.cli, kubearq.operator.crds, kubearq.core.contract, kubearq.worker.scrape.jobs, operator; "
+            "operator.add; print('ok')")
     for cwd in (str(REPO), "/"):
         result = run_python(code, cwd=cwd)
         assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
 
 
 def test_kubearq_is_a_namespace_package_without_init_files() -> None:
-    assert not (REPO / "operator" / "kubearq" / "__init__.py").exists()
-    assert not (REPO / "worker" / "kubearq" / "__init__.py").exists()
+    for portion in ("core", "operator", "worker"):
+        assert not (REPO / portion / "kubearq" / "__init__.py").exists()
 
 
 def test_help_lists_every_subcommand() -> None:

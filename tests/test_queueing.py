@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 from arq.connections import ArqRedis
 
-from kubearq.worker.connections import create_redis
-from kubearq.worker.queueing import JobState, NewJob, Tally, abort_jobs, enqueue_many, job_outcomes, remove_queued
+from kubearq.core.connections import create_redis
+from kubearq.core.queueing import JobState, NewJob, Tally, abort_jobs, enqueue_many, job_outcomes, remove_queued
 from tests.polling import until
 from tests.test_runtime import running_worker
 

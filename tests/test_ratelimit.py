@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError
 
-from kubearq.worker.contract import RateLimit
+from kubearq.core.contract import RateLimit
 from kubearq.worker.ratelimit import (
     DRIPS_PER_TOKEN,
     Bucket,

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from kubearq.worker.contract import FetchPolicy
-from kubearq.worker.fetch import RobotsDisallowedError, UnsafeUrlError
-from kubearq.worker.robots import (
+from kubearq.core.contract import FetchPolicy
+from kubearq.worker.scrape.fetch import RobotsDisallowedError, UnsafeUrlError
+from kubearq.worker.scrape.robots import (
     ROBOTS_MAX_BYTES,
     RobotsCache,
     RobotsRules,

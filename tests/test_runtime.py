@@ -20,8 +20,8 @@ import pytest
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 
-from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import deserialize, function_registry_key
+from kubearq.core.connections import create_redis
+from kubearq.core.contract import deserialize, function_registry_key
 from kubearq.worker.main import JobSet, WorkerService, load_user_jobs
 from kubearq.worker.runtime import DEAD_LETTER_PREFIX
 from kubearq.worker.settings import WorkerSettings

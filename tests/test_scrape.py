@@ -31,9 +31,8 @@ from arq.connections import ArqRedis
 from arq.jobs import Job
 from pydantic import SecretStr
 
-from kubearq.worker.builtins import builtin_jobs
-from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import (
+from kubearq.core.connections import create_redis
+from kubearq.core.contract import (
     SCRAPE_DETAIL,
     SCRAPE_LISTING,
     Backend,
@@ -54,12 +53,13 @@ from kubearq.worker.contract import (
     progress_key,
     request_jobs_key,
 )
-from kubearq.worker.fetch import FetchError
-from kubearq.worker.firecrawl import FirecrawlKeyMissingError, FirecrawlKeys
+from kubearq.core.queueing import NewJob, Tally, enqueue_many
+from kubearq.worker.builtins import builtin_jobs
 from kubearq.worker.main import JobSet, WorkerService
-from kubearq.worker.netsafety import IPAddress
-from kubearq.worker.queueing import NewJob, Tally, enqueue_many
-from kubearq.worker.scrape import CONTEXT_KEY, NetworkHooks, is_final, retry_delay, try_timeout
+from kubearq.worker.net.policy import IPAddress
+from kubearq.worker.scrape.fetch import FetchError
+from kubearq.worker.scrape.firecrawl import FirecrawlKeyMissingError, FirecrawlKeys
+from kubearq.worker.scrape.jobs import CONTEXT_KEY, NetworkHooks, is_final, retry_delay, try_timeout
 from kubearq.worker.settings import WorkerSettings
 from tests import polling
 from tests.crd_rules import REPO
@@ -607,9 +607,9 @@ async def _deferred(run: ScrapeRun) -> bool:
 async def test_delete_scrape_results_removes_only_that_requests_rows(postgres_dsn: str) -> None:
     from types import SimpleNamespace
 
-    from kubearq.worker.contract import RequestRef as ContractRequestRef
-    from kubearq.worker.contract import ResultsDeletion
-    from kubearq.worker.scrape import CONTEXT_KEY, delete_scrape_results
+    from kubearq.core.contract import RequestRef as ContractRequestRef
+    from kubearq.core.contract import ResultsDeletion
+    from kubearq.worker.scrape.jobs import CONTEXT_KEY, delete_scrape_results
     from kubearq.worker.storage import RequestRef as StoredRequestRef
     from kubearq.worker.storage import Storage
 

@@ -14,6 +14,21 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kubearq.core.connections import create_redis
+from kubearq.core.contract import (
+    DELETE_SCRAPE_RESULTS,
+    SCRAPE_LISTING,
+    PageJob,
+    RequestRef,
+    ScrapeSettings,
+    check_http_url,
+    deserialize,
+    failures_key,
+    job_id_for_page,
+    progress_key,
+    request_jobs_key,
+)
+from kubearq.core.queueing import NewJob, Tally, enqueue_many
 from kubearq.operator import kube
 from kubearq.operator.conditions import ConditionStatus
 from kubearq.operator.context import FINALIZER, SCRAPE_REQUESTS, OperatorContext
@@ -38,21 +53,6 @@ from kubearq.operator.scrapes import (
     succeeded_condition,
 )
 from kubearq.operator.settings import OperatorSettings
-from kubearq.worker.connections import create_redis
-from kubearq.worker.contract import (
-    DELETE_SCRAPE_RESULTS,
-    SCRAPE_LISTING,
-    PageJob,
-    RequestRef,
-    ScrapeSettings,
-    check_http_url,
-    deserialize,
-    failures_key,
-    job_id_for_page,
-    progress_key,
-    request_jobs_key,
-)
-from kubearq.worker.queueing import NewJob, Tally, enqueue_many
 from tests.kubernetes import KubernetesUnderTest
 
 T = 10.0

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from ipaddress import ip_address
 
-from kubearq.worker.contract import FetchPolicy
-from kubearq.worker.fetch import Fetcher
-from kubearq.worker.netsafety import IPAddress
-from kubearq.worker.robots import RobotsCache
+from kubearq.core.contract import FetchPolicy
+from kubearq.worker.net.policy import IPAddress
+from kubearq.worker.scrape.fetch import Fetcher
+from kubearq.worker.scrape.robots import RobotsCache
 
 HTML = {"Content-Type": "text/html; charset=utf-8"}
 

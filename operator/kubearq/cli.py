@@ -71,9 +71,9 @@ def validate_manifests(paths: Sequence[Path]) -> list[str]:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from kubearq.core.observability import configure_logging
     from kubearq.worker.builtins import builtin_jobs
     from kubearq.worker.main import run
-    from kubearq.worker.observability import configure_logging
     from kubearq.worker.settings import WorkerSettings
 
     overrides = {name: getattr(args, name) for name in WORKER_FLAGS if getattr(args, name) is not None}
@@ -92,9 +92,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_operator() -> int:
+    from kubearq.core.observability import configure_logging
     from kubearq.operator.main import KopfStoppedError, NoKubernetesCredentials, default_connection, run
     from kubearq.operator.settings import OperatorSettings
-    from kubearq.worker.observability import configure_logging
 
     try:
         settings = OperatorSettings()

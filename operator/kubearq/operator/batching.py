@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 from redis.asyncio import Redis
 
-from kubearq.worker.queueing import JobOutcome, NewJob, enqueue_many, job_outcomes
+from kubearq.core.queueing import JobOutcome, NewJob, enqueue_many, job_outcomes
 
 K = TypeVar("K", bound=Hashable)
 Q = TypeVar("Q")

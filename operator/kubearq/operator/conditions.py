@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from kubearq.worker.contract import ApiModel
+from kubearq.core.contract import ApiModel
 
 
 class ConditionStatus(StrEnum):

@@ -21,6 +21,9 @@ from typing import Any, TypeVar, cast
 
 import kopf
 
+from kubearq.core.aio import stop_task, wait_or_timeout
+from kubearq.core.connections import TRANSIENT_ERRORS, create_redis
+from kubearq.core.observability import ProbeServer
 from kubearq.operator.context import OperatorContext, utc_now
 from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource, is_transient
 from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLeaderError
@@ -31,9 +34,6 @@ from kubearq.operator.schedules import ArmedTick, ScheduleStep, advance_schedule
 from kubearq.operator.scrapes import scrape_request_reconciler
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.writer import StatusWriter
-from kubearq.worker.aio import stop_task, wait_or_timeout
-from kubearq.worker.connections import TRANSIENT_ERRORS, create_redis
-from kubearq.worker.observability import ProbeServer
 
 logger = logging.getLogger(__name__)
 

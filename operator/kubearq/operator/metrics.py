@@ -18,8 +18,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from kubearq.core.aio import wait_or_timeout
 from kubearq.operator.queuestats import DEFAULT_MAX_CHECKED, QueueStats, label_safe, queue_stats
-from kubearq.worker.aio import wait_or_timeout
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,9 @@ from typing import cast
 
 from pydantic import ValidationError
 
+from kubearq.core.connections import TRANSIENT_ERRORS
+from kubearq.core.contract import function_registry_key
+from kubearq.core.queueing import JobOutcome, JobState, NewJob, abort_jobs, remove_queued
 from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
 from kubearq.operator.context import API_TIMEOUT, SYNC_SCHEDULES, OperatorContext, rfc3339
 from kubearq.operator.kube import ApiError, KubeObject, is_transient
@@ -38,9 +41,6 @@ from kubearq.operator.syncschedule import (
     SyncScheduleSpec,
     SyncScheduleStatus,
 )
-from kubearq.worker.connections import TRANSIENT_ERRORS
-from kubearq.worker.contract import function_registry_key
-from kubearq.worker.queueing import JobOutcome, JobState, NewJob, abort_jobs, remove_queued
 
 logger = logging.getLogger(__name__)
 

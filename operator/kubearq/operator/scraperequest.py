@@ -8,9 +8,7 @@ from typing import Annotated, Self
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from kubearq.operator.conditions import Conditions
-from kubearq.operator.resources import PrinterColumn, ResourceKind
-from kubearq.worker.contract import (
+from kubearq.core.contract import (
     MAX_NAME_LENGTH,
     MAX_URL_LENGTH,
     ApiModel,
@@ -18,6 +16,8 @@ from kubearq.worker.contract import (
     HttpUrl,
     ScrapeSettings,
 )
+from kubearq.operator.conditions import Conditions
+from kubearq.operator.resources import PrinterColumn, ResourceKind
 
 # 300 URLs of at most 2 KiB keep the list under 600 KiB, far below etcd's ~1.5 MB object limit;
 # longer lists go in a ConfigMap (`urlsFrom`).

@@ -21,20 +21,7 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
-from kubearq.operator.context import API_TIMEOUT, FINALIZER, SCRAPE_REQUESTS, OperatorContext
-from kubearq.operator.kube import ApiError, ConflictError, KubeObject, NotFoundError, Resource
-from kubearq.operator.resources import describe_validation_error
-from kubearq.operator.scraperequest import (
-    MAX_FAILED_URLS_SHOWN,
-    DeletionPolicy,
-    FailedUrl,
-    PageCounts,
-    Phase,
-    ScrapeRequestSpec,
-    ScrapeRequestStatus,
-)
-from kubearq.worker.contract import (
+from kubearq.core.contract import (
     DEFAULT_QUEUE,
     DELETE_SCRAPE_RESULTS,
     FAILURES_SHOWN,
@@ -52,8 +39,8 @@ from kubearq.worker.contract import (
     progress_key,
     request_jobs_key,
 )
-from kubearq.worker.observability import log_context
-from kubearq.worker.queueing import (
+from kubearq.core.observability import log_context
+from kubearq.core.queueing import (
     CHUNK,
     JobState,
     NewJob,
@@ -62,6 +49,19 @@ from kubearq.worker.queueing import (
     enqueue_many,
     job_outcomes,
     remove_queued,
+)
+from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
+from kubearq.operator.context import API_TIMEOUT, FINALIZER, SCRAPE_REQUESTS, OperatorContext
+from kubearq.operator.kube import ApiError, ConflictError, KubeObject, NotFoundError, Resource
+from kubearq.operator.resources import describe_validation_error
+from kubearq.operator.scraperequest import (
+    MAX_FAILED_URLS_SHOWN,
+    DeletionPolicy,
+    FailedUrl,
+    PageCounts,
+    Phase,
+    ScrapeRequestSpec,
+    ScrapeRequestStatus,
 )
 
 logger = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ from typing import Annotated, Self
 
 from pydantic import AfterValidator, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
 
+from kubearq.core.contract import DEFAULT_QUEUE, ApiModel
 from kubearq.operator.conditions import Conditions
 from kubearq.operator.cron import check_schedule, check_time_zone
 from kubearq.operator.resources import PrinterColumn, ResourceKind
-from kubearq.worker.contract import DEFAULT_QUEUE, ApiModel
 
 MAX_JOB_ARGUMENTS = 64
 MAX_JOB_ARGUMENT_BYTES = 64 * 1024

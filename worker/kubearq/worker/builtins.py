@@ -8,13 +8,12 @@ from typing import Any
 
 from arq.worker import func
 
-from kubearq.worker.contract import DELETE_SCRAPE_RESULTS, SCRAPE_DETAIL, SCRAPE_LISTING
-from kubearq.worker.firecrawl import FirecrawlClient, FirecrawlKeys
+from kubearq.core.contract import DELETE_SCRAPE_RESULTS, SCRAPE_DETAIL, SCRAPE_LISTING
 from kubearq.worker.main import JobSet
 from kubearq.worker.ratelimit import SharedRateLimiter
-from kubearq.worker.robots import RobotsCache
 from kubearq.worker.runtime import Backoff
-from kubearq.worker.scrape import (
+from kubearq.worker.scrape.firecrawl import FirecrawlClient, FirecrawlKeys
+from kubearq.worker.scrape.jobs import (
     CONTEXT_KEY,
     MAX_TRIES,
     TIMEOUT_SECONDS,
@@ -25,6 +24,7 @@ from kubearq.worker.scrape import (
     scrape_detail,
     scrape_listing,
 )
+from kubearq.worker.scrape.robots import RobotsCache
 from kubearq.worker.settings import WorkerSettings
 from kubearq.worker.storage import Storage
 

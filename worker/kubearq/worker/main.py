@@ -13,10 +13,10 @@ from typing import Any, cast
 from arq.typing import StartupShutdown
 from arq.worker import Function, func
 
-from kubearq.worker.aio import stop_task
-from kubearq.worker.connections import create_redis
+from kubearq.core.aio import stop_task
+from kubearq.core.connections import create_redis
+from kubearq.core.observability import ProbeServer
 from kubearq.worker.metrics import WorkerMetrics
-from kubearq.worker.observability import ProbeServer
 from kubearq.worker.runtime import KubearqWorker
 from kubearq.worker.settings import WorkerSettings
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from kubearq.worker.contract import RateLimit
+from kubearq.core.contract import RateLimit
 
 KEY_PREFIX = "kubearq:ratelimit"
 DRIPS_PER_TOKEN = 60_000_000

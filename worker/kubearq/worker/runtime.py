@@ -30,11 +30,11 @@ from arq.typing import StartupShutdown
 from arq.worker import Function, Retry, Worker
 from redis.commands.core import AsyncScript
 
-from kubearq.worker.aio import stop_task, wait_or_timeout
-from kubearq.worker.connections import TRANSIENT_ERRORS
-from kubearq.worker.contract import deserialize, function_registry_key, serialize
+from kubearq.core.aio import stop_task, wait_or_timeout
+from kubearq.core.connections import TRANSIENT_ERRORS
+from kubearq.core.contract import deserialize, function_registry_key, serialize
+from kubearq.core.observability import log_context
 from kubearq.worker.metrics import WorkerMetrics
-from kubearq.worker.observability import log_context
 from kubearq.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)

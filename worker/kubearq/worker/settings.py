@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kubearq.worker.contract import DEFAULT_QUEUE, check_http_url
+from kubearq.core.contract import DEFAULT_QUEUE, check_http_url
 
 
 def check_redis_url(url: str) -> str:

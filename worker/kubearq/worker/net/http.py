@@ -26,7 +26,7 @@ import aiohttp
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from kubearq.worker.netsafety import IPAddress, NetworkPolicy, Refusal, name_refusal, parse_host
+from kubearq.worker.net.policy import IPAddress, NetworkPolicy, Refusal, name_refusal, parse_host
 
 KEEPALIVE_SECONDS = 5.0
 """An idle connection older than this is closed, not reused."""

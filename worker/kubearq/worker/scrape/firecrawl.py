@@ -27,18 +27,8 @@ from typing import Self
 import aiohttp
 from pydantic import SecretStr
 
-from kubearq.worker.contract import FetchPolicy, FirecrawlBackend
-from kubearq.worker.fetch import (
-    FetchError,
-    FetchTimeoutError,
-    HttpStatusError,
-    Page,
-    ResponseTooLargeError,
-    UnsafeUrlError,
-    parse_retry_after,
-)
-from kubearq.worker.netsafety import Endpoint, NetworkPolicy, redact_url
-from kubearq.worker.safehttp import (
+from kubearq.core.contract import FetchPolicy, FirecrawlBackend
+from kubearq.worker.net.http import (
     ACCEPT_ENCODING,
     AddressRefusedError,
     BodyTooLargeError,
@@ -48,6 +38,16 @@ from kubearq.worker.safehttp import (
     checked_target,
     read_capped,
     safe_session,
+)
+from kubearq.worker.net.policy import Endpoint, NetworkPolicy, redact_url
+from kubearq.worker.scrape.fetch import (
+    FetchError,
+    FetchTimeoutError,
+    HttpStatusError,
+    Page,
+    ResponseTooLargeError,
+    UnsafeUrlError,
+    parse_retry_after,
 )
 
 logger = logging.getLogger(__name__)

@@ -30,20 +30,8 @@ from typing import Self
 import aiohttp
 import httpx
 
-from kubearq.worker.contract import FetchPolicy
-from kubearq.worker.netsafety import Endpoint, NetworkPolicy, Refusal, redact_url
-from kubearq.worker.robots import (
-    ROBOTS_MAX_BYTES,
-    ROBOTS_MAX_REDIRECTS,
-    RobotsCache,
-    RobotsRules,
-    origin_key,
-    robots_url,
-    rules_from_status,
-    rules_unavailable,
-    rules_unreachable,
-)
-from kubearq.worker.safehttp import (
+from kubearq.core.contract import FetchPolicy
+from kubearq.worker.net.http import (
     ACCEPT_ENCODING,
     AddressRefusedError,
     BodyTooLargeError,
@@ -54,6 +42,18 @@ from kubearq.worker.safehttp import (
     is_certificate_error,
     read_capped,
     safe_session,
+)
+from kubearq.worker.net.policy import Endpoint, NetworkPolicy, Refusal, redact_url
+from kubearq.worker.scrape.robots import (
+    ROBOTS_MAX_BYTES,
+    ROBOTS_MAX_REDIRECTS,
+    RobotsCache,
+    RobotsRules,
+    origin_key,
+    robots_url,
+    rules_from_status,
+    rules_unavailable,
+    rules_unreachable,
 )
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
-from kubearq.worker.contract import LinkDiscovery, split_field_selector
-from kubearq.worker.schemaorg import is_of_type, with_subtypes
+from kubearq.core.contract import LinkDiscovery, split_field_selector
+from kubearq.worker.scrape.schemaorg import is_of_type, with_subtypes
 
 JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
 JsonObject: TypeAlias = "dict[str, JsonValue]"

@@ -1,7 +1,8 @@
 """The job contract shared by the operator and the worker: job names, their argument models.
 
-The operator imports only this module from the worker. The scrape settings below are also the
-`ScrapeRequest` spec's sub-objects, so one model describes the resource field and the job argument.
+The operator enqueues what the worker runs through these names and models alone. The scrape settings
+below are also the `ScrapeRequest` spec's sub-objects, so one model describes the resource field and the
+job argument.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """What both processes share for being watched: JSON logs with context, and the /metrics + probes server.
 
-The operator may import this module (besides the job contract): one log format and one probe server
-for both roles of the image.
+One log format and one probe server for both roles of the image.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
-from kubearq.worker.contract import deserialize, serialize
+from kubearq.core.contract import deserialize, serialize
 
 CHUNK = 500  # jobs per script call: long scripts block Redis for every other client
 DEFAULT_EXPIRES_MS = 86_400_000  # ARQ's expires_extra_ms: a job not started within a day expires

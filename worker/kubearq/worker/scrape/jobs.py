@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from arq.worker import Retry
 from redis.asyncio import Redis
 
-from kubearq.worker.contract import (
+from kubearq.core.contract import (
     FAILURES_SHOWN,
     MAX_URL_LENGTH,
     SCRAPE_DETAIL,
@@ -49,8 +49,14 @@ from kubearq.worker.contract import (
     progress_key,
     request_jobs_key,
 )
-from kubearq.worker.extract import extract_css, extract_json_ld, find_links
-from kubearq.worker.fetch import (
+from kubearq.core.observability import log_context
+from kubearq.core.queueing import NewJob, Tally, enqueue_many
+from kubearq.worker.net.http import Resolver
+from kubearq.worker.net.policy import Endpoint, NetworkPolicy, redact_url
+from kubearq.worker.ratelimit import SharedRateLimiter, bucket_key
+from kubearq.worker.runtime import Backoff, Defer, FinishScript, on_finish
+from kubearq.worker.scrape.extract import extract_css, extract_json_ld, find_links
+from kubearq.worker.scrape.fetch import (
     Fetcher,
     FetchError,
     FetchTimeoutError,
@@ -59,14 +65,8 @@ from kubearq.worker.fetch import (
     UnsafeUrlError,
     robots_refusal,
 )
-from kubearq.worker.firecrawl import FirecrawlClient, FirecrawlRateLimitedError
-from kubearq.worker.netsafety import Endpoint, NetworkPolicy, redact_url
-from kubearq.worker.observability import log_context
-from kubearq.worker.queueing import NewJob, Tally, enqueue_many
-from kubearq.worker.ratelimit import SharedRateLimiter, bucket_key
-from kubearq.worker.robots import RobotsCache
-from kubearq.worker.runtime import Backoff, Defer, FinishScript, on_finish
-from kubearq.worker.safehttp import Resolver
+from kubearq.worker.scrape.firecrawl import FirecrawlClient, FirecrawlRateLimitedError
+from kubearq.worker.scrape.robots import RobotsCache
 from kubearq.worker.storage import RequestRef as StoredRequest
 from kubearq.worker.storage import Storage, StorageUnavailableError
 

@@ -1,4 +1,4 @@
-"""Redis connections for the worker: ARQ's client, with TLS verified and transient errors retried."""
+"""Redis connections for both roles: ARQ's client, with TLS verified and transient errors retried."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from kubearq.worker.contract import DEFAULT_QUEUE, deserialize, serialize
+from kubearq.core.contract import DEFAULT_QUEUE, deserialize, serialize
 
 # Errors after which a command is retried on a fresh connection (a Redis restart or failover).
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
