@@ -130,7 +130,7 @@ async def listed_through(k8s: KubernetesUnderTest, failures: int, error: ApiErro
         api.error = error
     store = ResourceStore(listed=asyncio.Event())
     try:
-        await list_into(api, store, k8s.namespace, retry_seconds=0.01)
+        await list_into(api, store, [k8s.namespace], retry_seconds=0.01)
     finally:
         await api.aclose()
     return store
@@ -155,6 +155,30 @@ async def test_the_start_up_listing_puts_every_object_in_the_store_through_api_f
         ("kubearq.dev/v1alpha1", "ScrapeRequest"), ("kubearq.dev/v1alpha1", "SyncSchedule")}
     assert [record.levelname for record in caplog.records if "listing the resources failed" in record.getMessage()
             ] == ["WARNING", "WARNING"]
+
+
+def test_namespace_setting_names_the_watched_namespaces_comma_separated() -> None:
+    assert OperatorSettings(namespace=" team-a, team-b ,team-a,").watched_namespaces == ["team-a", "team-b"]
+    assert OperatorSettings().watched_namespaces == []  # all of them
+
+
+async def test_the_start_up_listing_takes_every_watched_namespace_and_no_other(k8s: KubernetesUnderTest) -> None:
+    namespaces = Resource("", "v1", "namespaces")
+    others = [f"{k8s.namespace}-{suffix}" for suffix in ("b", "c")]
+    for namespace in others:
+        await k8s.api.create(namespaces, {"metadata": {"name": namespace}}, timeout=10)
+    try:
+        for namespace in (k8s.namespace, *others):
+            await k8s.api.create(SYNC_SCHEDULES, {
+                "apiVersion": "kubearq.dev/v1alpha1", "kind": "SyncSchedule", "metadata": {"name": "daily"},
+                "spec": {"schedule": "@daily", "job": {"function": "sync_connections"}}}, namespace=namespace,
+                timeout=10)
+        store = ResourceStore(listed=asyncio.Event())
+        await list_into(k8s.api, store, [k8s.namespace, others[0]])
+    finally:
+        for namespace in others:
+            await k8s.api.delete(namespaces, namespace, timeout=10)
+    assert sorted(store.objects) == [("SyncSchedule", k8s.namespace, "daily"), ("SyncSchedule", others[0], "daily")]
 
 
 async def test_a_listing_the_rbac_forbids_says_so_in_one_error_line_and_is_retried(

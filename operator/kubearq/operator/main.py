@@ -134,20 +134,23 @@ class ResourceStore:
         return found
 
 
-async def list_into(api: KubeApi, store: ResourceStore, namespace: str | None, *, retry_seconds: float = 1.0) -> None:
-    """Put every SyncSchedule and ScrapeRequest into `store` with one LIST each, then set `store.listed`.
+async def list_into(api: KubeApi, store: ResourceStore, namespaces: Sequence[str], *,
+                    retry_seconds: float = 1.0) -> None:
+    """Put every SyncSchedule and ScrapeRequest of `namespaces` (none: all) into `store` with one LIST per
+    resource and namespace, then set `store.listed`.
 
     kopf delivers the objects that exist at start one event at a time through its per-object machinery:
     10,000 took it 25 s (measured), and a leader elected meanwhile saw a part of them. A LIST takes a few
     seconds, and the watch store's rules keep it consistent with kopf's stream: an older version never
     replaces a newer one, and a deleted object never comes back. Retries until it succeeds.
     """
+    scopes: list[str | None] = [*namespaces] or [None]
     attempt = 0
     while True:
         try:
             listings = [(kind, await api.list(Resource(GROUP, VERSION, plural), namespace=namespace,
                                               chunk_size=LIST_CHUNK, timeout=LIST_TIMEOUT))
-                        for kind, plural in PLURALS.items()]
+                        for namespace in scopes for kind, plural in PLURALS.items()]
             break
         except Exception as error:
             attempt += 1
@@ -372,7 +375,7 @@ class KopfWatch:
         flag = asyncio.Event()
         task = asyncio.create_task(kopf.operator(
             registry=build_registry(store, connection), settings=kopf_settings(), standalone=True,
-            clusterwide=not settings.namespace, namespaces=[settings.namespace] if settings.namespace else [],
+            clusterwide=not settings.watched_namespaces, namespaces=settings.watched_namespaces,
             stop_flag=flag, ready_flag=ready,
         ), name="kubearq-kopf")
         watch = cls(task, flag)
@@ -411,7 +414,7 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     store = ResourceStore(listed=asyncio.Event())
     redis = create_redis(settings.redis_url)
     api = KubeApi(connection, field_manager="kubearq-operator")
-    listing = asyncio.create_task(list_into(api, store, settings.namespace or None), name="kubearq-listing")
+    listing = asyncio.create_task(list_into(api, store, settings.watched_namespaces), name="kubearq-listing")
     overrides = {"lease_namespace": settings.lease_namespace, "identity": identity}
     election = LeaderElectionConfig(lease_name=settings.lease_name,
                                     **{key: value for key, value in overrides.items() if value})

@@ -15,8 +15,8 @@ class OperatorSettings(BaseSettings):
 
     redis_url: str = "redis://localhost:6379/0"
     """Redis the jobs are enqueued on (the workers' Redis)."""
-    namespace: str | None = None
-    """Watch only this namespace (default: all namespaces)."""
+    namespace: Annotated[str, Field(max_length=4096)] = ""
+    """Watch only these namespaces, comma-separated (default: all namespaces)."""
     lease_name: str = "kubearq-operator"
     """Name of the coordination.k8s.io Lease the replicas elect a leader on."""
     lease_namespace: str | None = None
@@ -35,6 +35,12 @@ class OperatorSettings(BaseSettings):
     http_host: str = "0.0.0.0"  # noqa: S104 - a pod serves probes and metrics on its own IP
     http_port: Annotated[int, Field(ge=0, le=65_535)] = 8080
     log_level: str = "INFO"
+
+    @property
+    def watched_namespaces(self) -> list[str]:
+        """The namespaces watched, in the order given; empty: all of them."""
+        names = [name.strip() for name in self.namespace.split(",") if name.strip()]
+        return list(dict.fromkeys(names))
 
     @property
     def extra_queues(self) -> set[str]:
