@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubearq.cli import main, validate_manifests
+from kubearq.cli import main
 from kubearq.operator.crds import RESOURCES, custom_resource_definition
 from kubearq.operator.reference import update_readme
 from kubearq.operator.scraperequest import (
@@ -21,6 +21,7 @@ from kubearq.operator.scraperequest import (
     ScrapeRequestStatus,
 )
 from kubearq.operator.syncschedule import SyncScheduleSpec, SyncScheduleStatus
+from kubearq.operator.validation import check_files
 from tests.crd_rules import (
     REPO,
     JsonObject,
@@ -142,7 +143,9 @@ def test_example_passes_the_api_server_schema_and_cel_rules(obj: JsonObject) -> 
 
 
 def test_examples_pass_kubearq_validate() -> None:
-    assert validate_manifests(EXAMPLES) == []
+    report = check_files(EXAMPLES)
+    assert report.valid
+    assert [str(problem) for document in report.documents for problem in document.problems] == []
 
 
 def test_validate_reports_the_field_and_the_fix(tmp_path: Path) -> None:
@@ -151,8 +154,9 @@ def test_validate_reports_the_field_and_the_fix(tmp_path: Path) -> None:
         "apiVersion: kubearq.dev/v1alpha1\nkind: SyncSchedule\nmetadata: {name: nightly}\n"
         "spec: {schedule: '0 3 * *', job: {function: compact_snapshots}}\n"
     )
-    assert validate_manifests([bad]) == [
-        f"{bad}: SyncSchedule nightly: spec.schedule: '0 3 * *' has 4 fields, cron needs 5 "
+    [document] = check_files([bad]).documents
+    assert [str(problem) for problem in document.problems] == [
+        "spec.schedule: '0 3 * *' has 4 fields, cron needs 5 "
         "(minute hour day-of-month month day-of-week); e.g. '*/15 * * * *' (every 15 minutes), "
         "'0 3 * * *' (daily 03:00) or '@daily'"
     ]

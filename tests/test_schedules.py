@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import yaml
 from arq.connections import ArqRedis
 
 from kubearq.operator.context import SYNC_SCHEDULES, OperatorContext, rfc3339
@@ -18,6 +20,7 @@ from kubearq.operator.scheduler import tick_job_id
 from kubearq.operator.schedules import keep_history, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.syncschedule import ScheduleRun
+from kubearq.operator.validation import check_files
 from tests.kubernetes import KubernetesUnderTest
 from tests.scheduling import Clock
 
@@ -239,6 +242,18 @@ async def test_invalid_schedule_gets_a_condition_not_a_crash(k8s: KubernetesUnde
     assert (condition["status"], condition["reason"]) == ("False", "InvalidSchedule")
     assert condition["message"].startswith("spec.schedule: '61 * * * *' is not a valid cron expression (bad minute)")
     assert await queued_ids(redis) == []
+
+
+async def test_the_operator_says_of_a_stored_schedule_what_kubearq_validate_says_of_the_file(
+        k8s: KubernetesUnderTest, redis: ArqRedis, tmp_path: Path) -> None:
+    obj = await create(k8s, "typo", {"schedule": "0 3 * *", "timeZone": "Mars/Olympus"})
+    after = await reconcile(context(k8s, redis, Clock(T0)), k8s, "typo")
+    manifest = tmp_path / "typo.yaml"
+    manifest.write_text(yaml.safe_dump({key: obj[key] for key in ("apiVersion", "kind", "spec")}
+                                       | {"metadata": {"name": "typo"}}))
+    [checked] = check_files([manifest]).documents
+    assert status_of(after)["conditions"][0]["message"] == "; ".join(str(problem) for problem in checked.problems)
+    assert len(checked.problems) == 2  # the cron expression and the time zone, both at once
 
 
 async def test_a_function_no_worker_serves_is_reported(k8s: KubernetesUnderTest, redis: ArqRedis) -> None:

@@ -15,15 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from pydantic import ValidationError
-
 from kubearq.core.connections import TRANSIENT_ERRORS
 from kubearq.core.contract import function_registry_key
 from kubearq.core.queueing import JobOutcome, JobState, NewJob, abort_jobs, remove_queued
 from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
 from kubearq.operator.context import API_TIMEOUT, SYNC_SCHEDULES, OperatorContext, rfc3339
 from kubearq.operator.kube import ApiError, KubeObject, is_transient
-from kubearq.operator.resources import describe_validation_error
 from kubearq.operator.scheduler import (
     Action,
     decide_policy,
@@ -35,12 +32,14 @@ from kubearq.operator.scheduler import (
 )
 from kubearq.operator.syncschedule import (
     MAX_ACTIVE,
+    SYNC_SCHEDULE,
     ConcurrencyPolicy,
     RunOutcome,
     ScheduleRun,
     SyncScheduleSpec,
     SyncScheduleStatus,
 )
+from kubearq.operator.validation import InvalidSpecError, parse_spec
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def parsed_spec(ctx: OperatorContext, uid: str, generation: int, raw: object) ->
     key = (uid, generation)
     spec = ctx.spec_cache.get(key)
     if not isinstance(spec, SyncScheduleSpec):
-        spec = SyncScheduleSpec.model_validate(raw)
+        spec = parse_spec(SYNC_SCHEDULE, SyncScheduleSpec, raw)
         if len(ctx.spec_cache) > 100_000:
             ctx.spec_cache.clear()
         ctx.spec_cache[key] = spec
@@ -208,8 +207,8 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
     previous = unwritten or SyncScheduleStatus.model_validate(body.get("status") or {})
     try:
         spec = parsed_spec(ctx, uid, generation, body.get("spec"))
-    except ValidationError as error:
-        message = describe_validation_error(error)
+    except InvalidSpecError as error:
+        message = str(error)
         status = previous.model_copy(update={
             "observed_generation": generation, "next_schedule_time": None,
             "conditions": set_condition(previous.conditions, ready(

@@ -56,6 +56,7 @@ from kubearq.operator.kube import ApiError, ConflictError, KubeObject, NotFoundE
 from kubearq.operator.resources import describe_validation_error
 from kubearq.operator.scraperequest import (
     MAX_FAILED_URLS_SHOWN,
+    SCRAPE_REQUEST,
     DeletionPolicy,
     FailedUrl,
     PageCounts,
@@ -63,6 +64,7 @@ from kubearq.operator.scraperequest import (
     ScrapeRequestSpec,
     ScrapeRequestStatus,
 )
+from kubearq.operator.validation import InvalidSpecError, parse_spec
 
 logger = logging.getLogger(__name__)
 
@@ -424,9 +426,9 @@ async def _reconcile(ctx: OperatorContext, body: KubeObject, obj: ScrapeObject, 
     now = moment.replace(microsecond=0)  # status times are RFC 3339 to the second
 
     try:
-        spec = ScrapeRequestSpec.model_validate(body.get("spec") or {})
-    except ValidationError as error:
-        message = describe_validation_error(error)
+        spec = parse_spec(SCRAPE_REQUEST, ScrapeRequestSpec, body.get("spec") or {})
+    except InvalidSpecError as error:
+        message = str(error)
         desired = build_problem_status(previous, Reason.INVALID_SPEC, message, obj.generation, now)
         return await _report_problem(ctx, body, obj, pacer, previous, desired, Outcome.INVALID_SPEC, None)
 

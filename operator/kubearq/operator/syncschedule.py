@@ -77,7 +77,7 @@ class JobTemplate(ApiModel):
         Field(min_length=1, max_length=128, json_schema_extra={"pattern": FUNCTION_NAME.pattern}),
         AfterValidator(check_function_name),
     ]
-    """Name of the worker function, as registered in the worker's `functions`."""
+    """The name of a function your workers serve (registered in their `functions`)."""
     args: JobArgs = []
     """Positional arguments (any JSON values)."""
     # Named apart from its wire name: pydantic's mypy plugin reserves `kwargs` for the generated __init__.
