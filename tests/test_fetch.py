@@ -508,13 +508,18 @@ async def test_a_refused_connection_is_a_retryable_error(site: Website) -> None:
     assert raised.value.message.startswith(f"could not fetch http://public.test:{port}/: ")
 
 
-async def test_a_name_that_does_not_resolve_is_not_retried(site: Website) -> None:
-    async with fetcher_for(site) as fetcher:
+@pytest.mark.parametrize("obey_robots_txt", [False, True])
+async def test_a_name_that_does_not_resolve_says_so_and_is_retried_as_a_network_error(
+        site: Website, obey_robots_txt: bool) -> None:
+    # With robots.txt obeyed this failed as "its robots.txt is unreachable": the site's name does not resolve.
+    async with fetcher_for(site, policy=FetchPolicy(obey_robots_txt=obey_robots_txt)) as fetcher:
         with pytest.raises(FetchError) as raised:
-            await fetcher.fetch("http://nowhere.test/", timeout=10)
-    assert not raised.value.retryable
+            await fetcher.fetch("http://nowhere.test/page", timeout=10)
+    assert raised.value.retryable
     assert raised.value.message == (
-        "could not fetch http://nowhere.test/: nowhere.test does not resolve (Name or service not known)")
+        "could not fetch http://nowhere.test/page: nowhere.test does not resolve (Name or service not known); "
+        "a later try may succeed")
+    assert fetcher.cached_robots_rules("http://nowhere.test/page") is None  # nothing learnt about the site
 
 
 @contextlib.asynccontextmanager

@@ -83,6 +83,15 @@ class UnsafeUrlError(FetchError):
         self.refused_url = refused_url
 
 
+class HostNotResolvedError(FetchError):
+    """The URL's host name does not resolve: a network error, tried again (DNS can be down or not yet updated)."""
+
+    def __init__(self, url: str, reason: str, failed_url: str) -> None:
+        super().__init__(url, f"could not fetch {redact_url(url)}: {reason}; a later try may succeed", retryable=True)
+        self.reason = reason
+        self.failed_url = failed_url
+
+
 class RobotsDisallowedError(FetchError):
     """robots.txt forbids the URL (retryable only when robots.txt itself was unreachable)."""
 
@@ -350,8 +359,7 @@ class Fetcher:
         except AddressRefusedError as error:
             raise UnsafeUrlError(requested, error.refusal, url, via=previous) from None
         except NameNotResolvedError as error:
-            raise FetchError(requested, f"could not fetch {redact_url(url)}: {error}",
-                             retryable=error.retryable) from None
+            raise HostNotResolvedError(requested, str(error), url) from None
         except (aiohttp.ClientError, OSError) as error:
             raise FetchError(requested, f"could not fetch {redact_url(url)}: {error or type(error).__name__}",
                              retryable=not is_certificate_error(error)) from None
@@ -423,6 +431,11 @@ class Fetcher:
             rules = rules_unavailable(source, error.message)
         except TooManyRedirectsError as error:
             rules = rules_unavailable(source, error.message)
+        except HostNotResolvedError as error:
+            if error.failed_url != source:
+                rules = rules_unreachable(source, error.message)  # a redirect of robots.txt went astray
+            else:  # the site's own name does not resolve: say so about the page, and cache nothing
+                raise HostNotResolvedError(requested or url, error.reason, url) from None
         except FetchError as error:
             rules = rules_unreachable(source, error.message)
         else:
