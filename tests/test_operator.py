@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -228,6 +230,7 @@ async def test_sigterm_to_the_operator_process_releases_the_lease_and_exits(
     assert process.returncode == 0, output.decode()[-3000:]
     assert await lease_holder(k8s) == ""
     assert b"stopping: releasing the Lease" in output
+    assert output.rstrip().endswith(b'"message": "kubearq operator stopped"}')
 
 
 async def test_kopf_stopping_on_its_own_stops_the_replica_with_an_error(
@@ -244,3 +247,48 @@ async def test_kopf_stopping_on_its_own_stops_the_replica_with_an_error(
             await run_operator(settings, k8s.connection, stop=asyncio.Event(), identity="solo",
                                reconcilers={"SyncSchedule": reconcile_schedule})
     assert await lease_holder(k8s) == ""  # released on the way out
+
+
+async def test_an_operator_whose_http_port_is_taken_says_so_in_one_line(k8s: KubernetesUnderTest,
+                                                                         redis_url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "KUBECONFIG": str(k8s.kubeconfig), "REDIS_URL": redis_url, "NAMESPACE": k8s.namespace,
+           "LEASE_NAMESPACE": k8s.namespace, "POD_NAME": "solo", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port),
+           "LOG_FORMAT": "text"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kubearq.cli", "operator", env=env, cwd=REPO,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        async with asyncio.timeout(30):
+            output, _ = await process.communicate()
+    text = output.decode()
+    assert process.returncode == 2, text
+    assert [line.split(" ERROR ", 1)[1] for line in text.splitlines() if " ERROR " in line] == [
+        f"kubearq.cli: kubearq operator: HTTP_PORT {port} is already in use on 127.0.0.1 (another kubearq operator "
+        "or worker on this host?): set HTTP_PORT to a free port, or 0 for any free port"]
+    assert "Traceback" not in text
+
+
+async def test_a_standby_that_stops_does_not_say_it_releases_the_lease(
+        k8s: KubernetesUnderTest, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    await k8s.api.create(LEASES, {"metadata": {"name": "kubearq-operator"}, "spec": {
+        "holderIdentity": "another", "leaseDurationSeconds": 3600, "renewTime": now, "acquireTime": now}},
+        namespace=k8s.namespace, timeout=5)
+    caplog.set_level(logging.INFO)
+    async with replicas(k8s, redis_url, ShiftedClock(), ("standby",)) as running:
+        await eventually(lambda: _ready(running["standby"].port), what="the standby ready (campaigning)")
+    messages = [record.getMessage() for record in caplog.records if record.name == "kubearq.operator.main"]
+    assert "stopping (a standby; the Lease is held by another)" in messages
+    assert "stopping: releasing the Lease" not in messages
+    assert await lease_holder(k8s) == "another"
+
+
+async def _ready(port: int) -> bool:
+    async with httpx.AsyncClient() as client:
+        try:
+            return (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False

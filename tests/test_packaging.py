@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,9 @@ def test_operator_without_credentials_says_where_it_looked() -> None:
     env = {"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent/kubeconfig", "HOME": "/nonexistent"}
     result = subprocess.run([str(console_script), "operator"], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2
-    assert result.stderr == (
-        "kubearq operator: cannot read Kubernetes credentials (FileNotFoundError: [Errno 2] No such file or "
-        "directory: '/nonexistent/kubeconfig'); in a pod the service account is used, elsewhere KUBECONFIG "
-        "or ~/.kube/config\n")
+    [line] = result.stderr.splitlines()
+    assert {key: value for key, value in json.loads(line).items() if key != "time"} == {
+        "level": "ERROR", "name": "kubearq.cli",
+        "message": "kubearq operator: cannot read Kubernetes credentials from /nonexistent/kubeconfig "
+                   "(FileNotFoundError: No such file or directory); in a pod the service account is used, elsewhere "
+                   "KUBECONFIG or ~/.kube/config"}

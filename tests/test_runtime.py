@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -220,6 +221,18 @@ async def test_metrics_and_probes_are_served(redis: ArqRedis, redis_url: str) ->
             alive = await client.get("/healthz")
     assert 'kubearq_worker_jobs_succeeded_total{function="noop"} 1.0' in metrics
     assert (ready.status_code, alive.status_code) == (200, 200)
+
+
+async def test_a_missed_heartbeat_is_not_a_warning_while_the_worker_holds_no_job(
+        redis_private: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    async with running_worker(redis_private.url) as service:
+        redis_private.kill()
+        await until(lambda: _true(service.metrics.errors.labels("heartbeat")._value.get() >= 2), within=15,
+                    what="two failed heartbeats")
+        redis_private.restart()
+        await until(lambda: _true(service.worker.redis_available), within=15, what="Redis back")
+    assert [record.getMessage() for record in caplog.records if "heartbeat failed" in record.getMessage()
+            and record.levelno >= logging.WARNING] == []
 
 
 async def test_redis_restart_mid_run_loses_no_job(redis_private: RedisServer) -> None:

@@ -18,6 +18,14 @@ from kubearq.core.contract import DEFAULT_QUEUE, deserialize, serialize
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
+def check_redis_url(url: str) -> str:
+    """REDIS_URL as the client can use it: `redis://`, `rediss://` (TLS) or `unix://`."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"REDIS_URL must start with redis://, rediss:// (TLS) or unix://, not {url!r}")
+    return url
+
+
 def create_redis(
     url: str,
     *,

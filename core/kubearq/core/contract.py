@@ -332,6 +332,25 @@ def deserialize(data: bytes) -> dict[str, object]:
     return decoded
 
 
+JOB_FIELDS = ("f", "a", "k", "t", "et")  # ARQ's job payload: function, args, kwargs, try, enqueue time (ms)
+FIX_CLIENT = "enqueue with kubearq.client.create_pool (ARQ's ArqRedis, speaking kubearq's JSON)"
+
+
+def undecodable_job(data: bytes) -> str | None:
+    """Why a job payload is not one a kubearq worker can run, saying what to do instead; None if it is."""
+    if data[:1] == b"\x80":  # pickle's PROTO opcode: ARQ's default serializer
+        return ("it looks like a pickled ARQ job (a plain arq.create_pool pickles); kubearq workers take JSON "
+                f"jobs only, never pickle: {FIX_CLIENT}")
+    try:
+        decoded = deserialize(data)
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"it is not JSON ({error}): {FIX_CLIENT}"
+    missing = [name for name in JOB_FIELDS if name not in decoded]
+    if missing:
+        return f"it is JSON but not an ARQ job (no {', '.join(missing)}): {FIX_CLIENT}"
+    return None
+
+
 def job_id_for_page(request_uid: str, url: str) -> str:
     """Deterministic id: the same URL of one request is enqueued (and scraped) once."""
     digest = hashlib.sha256(url.encode()).hexdigest()[:32]

@@ -6,6 +6,7 @@ One log format and one probe server for both roles of the image.
 from __future__ import annotations
 
 import contextvars
+import errno
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -43,26 +44,45 @@ class ContextFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """One JSON formatter on the root logger; ARQ's and kopf's loggers propagate into it."""
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def check_log_level(level: str) -> str:
+    """LOG_LEVEL, upper-cased: DEBUG, INFO, WARNING or ERROR."""
+    if level.upper() not in LOG_LEVELS:
+        raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    return level.upper()
+
+
+def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
+    """One formatter on the root logger (a JSON object per line, or plain text for a person at a terminal);
+    ARQ's and kopf's loggers propagate into it."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter(
-        "{asctime}{levelname}{name}{message}", style="{",
-        # kopf's per-object records carry its OperatorSettings (not serializable: every such line failed to
-        # format) and a skip flag; the object reference itself is worth keeping, as `object`.
-        reserved_attrs=[*RESERVED_ATTRS, "settings", "k8s_skip"],
-        rename_fields={"levelname": "level", "asctime": "time", "k8s_ref": "object"},
-    ))
+    if log_format == "text":
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(JsonFormatter(
+            "{asctime}{levelname}{name}{message}", style="{",
+            # kopf's per-object records carry its OperatorSettings (not serializable: every such line failed to
+            # format) and a skip flag; the object reference itself is worth keeping, as `object`.
+            reserved_attrs=[*RESERVED_ATTRS, "settings", "k8s_skip"],
+            rename_fields={"levelname": "level", "asctime": "time", "k8s_ref": "object"},
+        ))
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO")
     # httpx logs every request at INFO: a line per status write, Lease renewal and fetched page.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
     for name in ("arq", "arq.worker", "arq.jobs", "arq.connections"):
         # ARQ configures its own handlers only through its CLI's dictConfig; make sure none are left over.
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+class PortInUseError(ValueError):
+    """HTTP_PORT is taken on this host: one line naming the setting, not an OSError traceback."""
 
 
 Check = Callable[[], Awaitable[bool]]
@@ -111,7 +131,16 @@ class ProbeServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:
+            await self._runner.cleanup()
+            self._runner = None
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUseError(
+                f"HTTP_PORT {port} is already in use on {host} (another kubearq operator or worker on this host?): "
+                "set HTTP_PORT to a free port, or 0 for any free port") from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port

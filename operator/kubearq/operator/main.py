@@ -336,26 +336,6 @@ def kopf_settings() -> kopf.OperatorSettings:
     return settings
 
 
-class NoKubernetesCredentials(Exception):  # noqa: N818 - a user-facing condition, named as the user sees it
-    """Neither a service account nor a usable kubeconfig."""
-
-
-def default_connection() -> kopf.ConnectionInfo:
-    """In a pod, the service account; elsewhere, the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-    settings = kopf.OperatorSettings()
-    try:
-        connection = (kopf.login_with_service_account(settings=settings)
-                      or kopf.login_with_kubeconfig(settings=settings))
-    except (OSError, ValueError, KeyError, kopf.LoginError) as error:
-        raise NoKubernetesCredentials(
-            f"cannot read Kubernetes credentials ({type(error).__name__}: {error}); in a pod the service "
-            "account is used, elsewhere KUBECONFIG or ~/.kube/config") from None
-    if connection is None:
-        raise NoKubernetesCredentials(
-            "no service account and no kubeconfig: run in a pod, or set KUBECONFIG (or ~/.kube/config)")
-    return connection
-
-
 class KopfStoppedError(RuntimeError):
     """kopf stopped watching on its own: the replica stops too, so that Kubernetes restarts it."""
 
@@ -443,7 +423,14 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     probes = ProbeServer(metrics.registry, ready_checks={"redis": redis_answers, "kubernetes-api": api_watched,
                                                              "objects-listed": objects_listed},
                          live_checks={"queue-metrics": refresher_alive})
-    await probes.start(settings.http_host, settings.http_port)
+    try:
+        await probes.start(settings.http_host, settings.http_port)
+    except BaseException:  # e.g. HTTP_PORT taken: nothing else has started yet but the listing
+        listing.cancel()
+        await asyncio.gather(listing, return_exceptions=True)
+        await api.aclose()
+        await redis.aclose()
+        raise
     refresher.start()
     chosen = reconcilers if reconcilers is not None else default_reconcilers()
     electing = asyncio.create_task(elector.run(lambda: lead(ctx, store, chosen)), name="kubearq-election")
@@ -457,7 +444,10 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
                                          name="kubearq-signals")
 
     async def release_lease() -> None:
-        logger.info("stopping: releasing the Lease")
+        if elector.is_leader:
+            logger.info("stopping: releasing the Lease")
+        else:
+            logger.info("stopping (a standby; the Lease is held by %s)", elector.lease_holder or "nobody")
         await elector.release()
         await asyncio.wait({electing}, timeout=10)
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kubearq.core.connections import check_redis_url
+from kubearq.core.observability import check_log_level
 
 
 class OperatorSettings(BaseSettings):
     """Everything `kubearq operator` can be told; environment names are the upper-case field names."""
 
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True,
+                                      env_ignore_empty=True,  # VAR= is unset, as a chart may render it
+                                      use_attribute_docstrings=True)
 
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: Annotated[str, AfterValidator(check_redis_url)] = "redis://localhost:6379/0"
     """Redis the jobs are enqueued on (the workers' Redis)."""
     namespace: Annotated[str, Field(max_length=4096)] = ""
     """Watch only these namespaces, comma-separated (default: all namespaces)."""
@@ -33,8 +38,13 @@ class OperatorSettings(BaseSettings):
     function_freshness_seconds: Annotated[int, Field(ge=10, le=86_400)] = 120
     """A function counts as served when a worker published it this recently."""
     http_host: str = "0.0.0.0"  # noqa: S104 - a pod serves probes and metrics on its own IP
+    """Address the metrics and health server binds."""
     http_port: Annotated[int, Field(ge=0, le=65_535)] = 8080
-    log_level: str = "INFO"
+    """Port of /metrics, /healthz and /readyz (0: a free port)."""
+    log_level: Annotated[str, AfterValidator(check_log_level)] = "INFO"
+    """Python logging level: DEBUG, INFO, WARNING or ERROR."""
+    log_format: Literal["json", "text"] = "json"
+    """`json`: one JSON object per line, for log collectors; `text`: plain lines for a person at a terminal."""
 
     @property
     def watched_namespaces(self) -> list[str]:

@@ -89,7 +89,8 @@ class WorkerService:
 
     def __init__(self, settings: WorkerSettings, jobs: JobSet) -> None:
         if not jobs.functions:
-            raise ValueError("no functions to serve: give --settings module:WorkerSettings or enable the built-in jobs")
+            raise ValueError("no functions to serve: set DATABASE_URL to serve the built-in scrape jobs, or give "
+                             "--settings module:WorkerSettings")
         self.settings = settings
         self.redis = create_redis(
             settings.redis_url, ca_file=str(settings.redis_ca_file) if settings.redis_ca_file else None,

@@ -32,7 +32,7 @@ from redis.commands.core import AsyncScript
 
 from kubearq.core.aio import stop_task, wait_or_timeout
 from kubearq.core.connections import TRANSIENT_ERRORS
-from kubearq.core.contract import deserialize, function_registry_key, serialize
+from kubearq.core.contract import deserialize, function_registry_key, serialize, undecodable_job
 from kubearq.core.observability import log_context
 from kubearq.worker.metrics import WorkerMetrics
 from kubearq.worker.settings import WorkerSettings
@@ -207,6 +207,14 @@ def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetr
     )
 
 
+class QuietUndecodableJobs(logging.Filter):
+    """Drops ARQ's ERROR traceback for a job it cannot decode: `finish_failed_job` says in one WARNING line
+    what the job looks like and how to enqueue it right (ARQ's traceback only shows a UnicodeDecodeError)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "deserializing job %s failed"
+
+
 class KubearqWorker(Worker):
     """An ARQ worker that drains on shutdown, heals after crashes and keeps polling through outages."""
 
@@ -245,6 +253,9 @@ class KubearqWorker(Worker):
         )
         self.settings = settings
         self.metrics = metrics
+        arq_logger = logging.getLogger("arq.worker")
+        if not any(isinstance(existing, QuietUndecodableJobs) for existing in arq_logger.filters):
+            arq_logger.addFilter(QuietUndecodableJobs())
         # Heartbeats refresh the mark; a dead worker's mark expires after this, not after the job timeout.
         self.in_progress_timeout_s = settings.in_progress_ttl
         self._slot_freed = asyncio.Event()
@@ -346,7 +357,11 @@ class KubearqWorker(Worker):
                     await pipe.execute()
             except TRANSIENT_ERRORS as error:
                 self.metrics.errors.labels("heartbeat").inc()
-                logger.warning("heartbeat failed (%s: %s); in-progress marks may expire", type(error).__name__, error)
+                if self.tasks:  # holding no job, a missed heartbeat costs nothing (the outage is logged apart)
+                    logger.warning("heartbeat failed (%s: %s); in-progress marks may expire",
+                                   type(error).__name__, error)
+                else:
+                    logger.debug("heartbeat failed (%s: %s)", type(error).__name__, error)
             await wait_or_timeout(self._closing, self.settings.heartbeat_interval)
 
     # --- completion -----------------------------------------------------------------------------------
@@ -379,14 +394,20 @@ class KubearqWorker(Worker):
             raise errors[-1]
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        # ARQ calls this for a job that failed without running: undecodable, expired, its function not
+        # served, aborted before it started, out of tries. The supervisor never saw it: count it here.
         self._on_finish.pop(job_id, None)
         raw = await self.pool.get(job_key_prefix + job_id)
+        function = "unknown"
         if raw is not None:
-            try:
-                deserialize(raw)
-            except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problem = undecodable_job(raw)
+            if problem is None:
+                function = str(deserialize(raw)["f"])
+            else:
+                function = "undecodable"
                 await self.pool.set(DEAD_LETTER_PREFIX + job_id, raw, ex=DEAD_LETTER_SECONDS)
-                logger.error("job %s cannot be decoded (%s); kept as %s%s", job_id, error, DEAD_LETTER_PREFIX, job_id)
+                logger.warning("job %s cannot be run: %s; kept as %s%s", job_id, problem, DEAD_LETTER_PREFIX, job_id)
+        self.metrics.jobs_failed.labels(function).inc()
         await super().finish_failed_job(job_id, result_data)
 
     # --- shutdown --------------------------------------------------------------------------------------

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kubearq.core.connections import check_redis_url
 from kubearq.core.contract import DEFAULT_QUEUE, check_http_url
-
-
-def check_redis_url(url: str) -> str:
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"REDIS_URL must start with redis://, rediss:// (TLS) or unix://, not {url!r}")
-    return url
+from kubearq.core.observability import check_log_level
 
 
 def check_database_url(url: str) -> str:
@@ -29,7 +24,9 @@ def check_database_url(url: str) -> str:
 class WorkerSettings(BaseSettings):
     """Everything `kubearq worker` can be told; environment names are the upper-case field names."""
 
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True,
+                                      env_ignore_empty=True,  # VAR= is unset, as a chart may render it
+                                      use_attribute_docstrings=True)
 
     redis_url: Annotated[str, AfterValidator(check_redis_url)] = "redis://localhost:6379/0"
     """Redis to take jobs from; `rediss://` verifies the server's certificate and host name."""
@@ -83,8 +80,10 @@ class WorkerSettings(BaseSettings):
     """Address the metrics and health server binds."""
     settings: Annotated[str, Field(pattern=r"^[\w.]+:[\w.]+$")] | None = None
     """Import path of the user's ARQ WorkerSettings (`module:Class`), whose functions are served too."""
-    log_level: str = "INFO"
-    """Python logging level."""
+    log_level: Annotated[str, AfterValidator(check_log_level)] = "INFO"
+    """Python logging level: DEBUG, INFO, WARNING or ERROR."""
+    log_format: Literal["json", "text"] = "json"
+    """`json`: one JSON object per line, for log collectors; `text`: plain lines for a person at a terminal."""
 
     @model_validator(mode="after")
     def _timing_consistent(self) -> Self:
@@ -96,15 +95,6 @@ class WorkerSettings(BaseSettings):
         if self.retry_backoff_max < self.retry_backoff:
             raise ValueError("RETRY_BACKOFF_MAX must be at least RETRY_BACKOFF")
         return self
-
-    @staticmethod
-    def describe_error(error: ValidationError) -> str:
-        """`MAX_JOBS: Input should be greater than or equal to 1`: named as the user set it."""
-        lines = []
-        for item in error.errors():
-            name = str(item["loc"][0]).upper() if item["loc"] else "settings"
-            lines.append(f"{name}: {item['msg'].removeprefix('Value error, ')}")
-        return "; ".join(lines)
 
     @property
     def read_limit(self) -> int:
