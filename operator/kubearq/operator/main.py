@@ -392,7 +392,8 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
     store = ResourceStore(listed=asyncio.Event())
-    redis = create_redis(settings.redis_url)
+    redis = create_redis(settings.redis_url, ca_file=str(settings.redis_ca_file) if settings.redis_ca_file else None,
+                         tls_insecure=settings.redis_tls_insecure)
     api = KubeApi(connection, field_manager="kubearq-operator")
     listing = asyncio.create_task(list_into(api, store, settings.watched_namespaces), name="kubearq-listing")
     overrides = {"lease_namespace": settings.lease_namespace, "identity": identity}

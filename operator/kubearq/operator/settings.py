@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
@@ -19,7 +20,11 @@ class OperatorSettings(BaseSettings):
                                       use_attribute_docstrings=True)
 
     redis_url: Annotated[str, AfterValidator(check_redis_url)] = "redis://localhost:6379/0"
-    """Redis the jobs are enqueued on (the workers' Redis)."""
+    """Redis the jobs are enqueued on (the workers' Redis); `rediss://` verifies the certificate and host name."""
+    redis_ca_file: Path | None = None
+    """CA bundle for `rediss://` (the system's trust store when unset)."""
+    redis_tls_insecure: bool = False
+    """Skip certificate and host-name verification for `rediss://` (never in production)."""
     namespace: Annotated[str, Field(max_length=4096)] = ""
     """Watch only these namespaces, comma-separated (default: all namespaces)."""
     lease_name: str = "kubearq-operator"
