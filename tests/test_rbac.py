@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from arq.connections import ArqRedis
 
@@ -80,3 +81,29 @@ async def _gone(k8s: KubernetesUnderTest) -> bool:
     except kube.NotFoundError:
         return True
     return False
+
+
+async def test_an_operator_that_may_not_list_what_it_watches_is_not_ready_and_says_why(
+        k8s: KubernetesUnderTest, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    rules = [rule for rule in operator_rules() if "list" not in rule.get("verbs", [])]
+    rules.append({"apiGroups": ["kubearq.dev"], "resources": ["syncschedules"], "verbs": ["get", "list", "watch"]})
+    login = await k8s.login_as_service_account("half-blind", [*rules, *lease_rules(OperatorSettings().lease_name)])
+
+    async with replicas(k8s, redis_url, ShiftedClock(), ("blind",), connection=login.connection) as running:
+        answer = await eventually(lambda: _readyz(running["blind"].port), what="a readiness answer")
+        assert answer == (503, "failing: objects-listed, kubernetes-access\n")
+    refusals = [record.getMessage() for record in caplog.records if record.name == "kubearq.operator.access"]
+    assert refusals[0].startswith(f"cannot list scraperequests in namespace {k8s.namespace} (403 Forbidden: "
+                                  f'scraperequests.kubearq.dev is forbidden: User "{login.username}" cannot list')
+    assert refusals[0].endswith("kopf cannot watch them either, so this replica is not ready until it can")
+    assert len(refusals) == 1  # said once, not on every round
+
+
+async def _readyz(port: int) -> tuple[int, str] | None:
+    async with httpx.AsyncClient() as client:
+        try:
+            response = await client.get(f"http://127.0.0.1:{port}/readyz")
+        except httpx.TransportError:
+            return None
+    return None if "kubernetes-access" not in response.text else (response.status_code, response.text)

@@ -24,6 +24,7 @@ import kopf
 from kubearq.core.aio import stop_task, wait_or_timeout
 from kubearq.core.connections import TRANSIENT_ERRORS, create_redis
 from kubearq.core.observability import ProbeServer
+from kubearq.operator.access import WatchAccess
 from kubearq.operator.context import OperatorContext, utc_now
 from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource, is_transient
 from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLeaderError
@@ -417,12 +418,16 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     async def api_watched() -> bool:
         return watching_ready.is_set()  # kopf sets it once it has logged in and started watching
 
+    access = WatchAccess(api, [Resource(GROUP, VERSION, plural) for plural in PLURALS.values()],
+                         settings.watched_namespaces)
+
     async def objects_listed() -> bool:
         return store.listed.is_set()  # a standby that takes over has them all at hand
 
     # Ready means connected to Redis and the API; leadership is not required (standbys are ready too).
     probes = ProbeServer(metrics.registry, ready_checks={"redis": redis_answers, "kubernetes-api": api_watched,
-                                                             "objects-listed": objects_listed},
+                                                             "objects-listed": objects_listed,
+                                                             "kubernetes-access": access.allowed},
                          live_checks={"queue-metrics": refresher_alive})
     try:
         await probes.start(settings.http_host, settings.http_port)
@@ -433,6 +438,7 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         await redis.aclose()
         raise
     refresher.start()
+    checking_access = asyncio.create_task(access.run(), name="kubearq-access")
     chosen = reconcilers if reconcilers is not None else default_reconcilers()
     electing = asyncio.create_task(elector.run(lambda: lead(ctx, store, chosen)), name="kubearq-election")
     watch = KopfWatch.start(store, connection, settings, ready=watching_ready, stop=stop)
@@ -458,6 +464,7 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         stopping.push_async_callback(api.aclose)
         stopping.push_async_callback(probes.stop)
         stopping.push_async_callback(refresher.stop)
+        stopping.push_async_callback(stop_task, checking_access, 5, "the LIST access check")
         stopping.push_async_callback(watch.stop)
         stopping.push_async_callback(stop_task, listing, 10, "the start-up listing")
         stopping.push_async_callback(release_lease)
