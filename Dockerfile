@@ -11,6 +11,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY core/ core/
+COPY demo/ demo/
 COPY operator/ operator/
 COPY worker/ worker/
 RUN python -m pip wheel --no-deps --wheel-dir /dist .

@@ -40,11 +40,11 @@ import kopf
 from kubearq.core.connections import create_redis
 from kubearq.core.contract import deserialize
 from kubearq.core.observability import configure_logging
+from kubearq.demo.emulator import running_emulator
 from kubearq.operator.context import SYNC_SCHEDULES
 from kubearq.operator.kube import KubeApi
 from kubearq.operator.main import quiet_kopf_watch_finalization, run_operator, tune_gc
 from kubearq.operator.settings import OperatorSettings
-from tests.emulator import running_emulator
 from tests.kubernetes import project_crds
 from tests.services import RedisServer, free_port
 

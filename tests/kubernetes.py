@@ -1,7 +1,7 @@
 """The Kubernetes API under test, behind the one fixture `k8s`: the emulator, a real kube-apiserver of the
 session's own, or the cluster of `$KUBECONFIG`.
 
-- `--kubernetes=emulator` (the default): `tests/emulator.py`, in the test's own event loop.
+- `--kubernetes=emulator` (the default): `kubearq.demo.emulator`, in the test's own event loop.
 - `--kubernetes=kube-apiserver`: etcd + kube-apiserver (+ kube-controller-manager) started once per session
   from `KUBEBUILDER_ASSETS` (`tests/controlplane.py`); without such a folder these tests skip and say why.
 - `KUBECONFIG` set (and the default mode): that cluster, as it is.
@@ -27,9 +27,9 @@ import kopf
 import pytest
 import yaml
 
+from kubearq.demo.emulator import ApiServerEmulator, running_emulator
 from kubearq.operator import kube
 from tests.controlplane import ASSETS_ENV, ControlPlane, assets_folder, kubeconfig
-from tests.emulator import ApiServerEmulator, running_emulator
 
 logger = logging.getLogger(__name__)
 

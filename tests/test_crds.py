@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from kubearq.cli import main
+from kubearq.demo.crdrules import apply_defaults, cel_failures, cel_rules, is_transition_rule, walk
 from kubearq.operator.crds import RESOURCES, custom_resource_definition
 from kubearq.operator.reference import update_readme
 from kubearq.operator.scraperequest import (
@@ -25,17 +26,12 @@ from kubearq.operator.validation import check_files
 from tests.crd_rules import (
     REPO,
     JsonObject,
-    apply_defaults,
-    cel_failures,
-    cel_rules,
-    is_transition_rule,
     load_crds,
     schema_of,
     server_problems,
     structural_problems,
     unbounded,
     version_of,
-    walk,
 )
 
 CRDS = load_crds()

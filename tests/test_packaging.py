@@ -31,7 +31,7 @@ def test_every_portion_imports_from_the_repo_root_and_from_elsewhere() -> None:
 
 
 def test_kubearq_is_a_namespace_package_without_init_files() -> None:
-    for portion in ("core", "operator", "worker"):
+    for portion in ("core", "demo", "operator", "worker"):
         assert not (REPO / portion / "kubearq" / "__init__.py").exists()
 
 

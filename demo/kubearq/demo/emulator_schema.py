@@ -1,7 +1,7 @@
 """What kube-apiserver does with a custom object before it stores it, per the CRD's structural schema:
 unknown fields found (refused under `fieldValidation=Strict`, else pruned with a warning), nulls of
 non-nullable fields dropped, defaults applied, then OpenAPI validation and, unless that found a blocking
-error, the CEL rules (`tests/crd_rules.py` evaluates them). Messages are the server's, as v1.36 words them
+error, the CEL rules (`kubearq.demo.crdrules` evaluates them). Messages are the server's, as v1.36 words them
 (k8s.io/apiextensions-apiserver and kube-openapi's validate); it lists causes in Go map order, random,
 so the order here is the schema's and the contract tests compare causes as sets.
 """
@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import attrs
 
-from tests.crd_rules import apply_defaults, cel_rules, cel_violations
+from kubearq.demo.crdrules import apply_defaults, cel_rules, cel_violations
 
 JsonDict = dict[str, Any]
 

@@ -1,13 +1,15 @@
 """
-The Kubernetes API for tests: KMock taught the API server's semantics (`tests/kubernetes.py` serves it as `k8s`).
+The Kubernetes API without a cluster: KMock taught kube-apiserver's semantics, served to the tests (their
+fixture `k8s`, `tests/kubernetes.py`) and to the demo.
 
 KMock 0.8's `KubernetesEmulator` stores objects as merged dicts: no uid, resourceVersion, generation or
 creationTimestamp, no optimistic concurrency, no status subresource, no PUT, every PATCH a deep merge,
 watches without resourceVersion, history or timeout, lists without selectors, no schema. `ApiServerEmulator`
 keeps KMock's scaffold (discovery, `Status` errors, the aiohttp server, the request log, `objects`) and
 replaces the stateful part with what kube-apiserver does, citing it where the rule is not obvious; custom
-objects go through their CRD's schema as on the server (`tests/emulator_schema.py`). Where the emulator and a
-real kube-apiserver disagree, the server is right: `tests/test_emulator.py` runs on both.
+objects go through their CRD's schema as on the server (`kubearq.demo.emulator_schema`). Where the emulator
+and a real kube-apiserver disagree, the server is right: the contract tests (`tests/test_emulator*.py`) run
+on both.
 """
 
 import asyncio
@@ -31,8 +33,8 @@ import attrs
 import jsonpatch
 import kmock
 
-from tests.emulator_schema import CustomResourceSchema, invalid_message
-from tests.emulator_selectors import Change, EventType, JsonDict, Selector, bad_request
+from kubearq.demo.emulator_schema import CustomResourceSchema, invalid_message
+from kubearq.demo.emulator_selectors import Change, EventType, JsonDict, Selector, bad_request
 
 FieldValidation = Literal['Ignore', 'Warn', 'Strict']
 CRD_RESOURCE = kmock.resource('apiextensions.k8s.io', 'v1', 'customresourcedefinitions')
