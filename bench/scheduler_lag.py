@@ -41,12 +41,12 @@ from kubearq.core.connections import create_redis
 from kubearq.core.contract import deserialize
 from kubearq.core.observability import configure_logging
 from kubearq.demo.emulator import running_emulator
+from kubearq.demo.services import RedisServer, free_port
 from kubearq.operator.context import SYNC_SCHEDULES
 from kubearq.operator.kube import KubeApi
 from kubearq.operator.main import quiet_kopf_watch_finalization, run_operator, tune_gc
 from kubearq.operator.settings import OperatorSettings
 from tests.kubernetes import project_crds
-from tests.services import RedisServer, free_port
 
 
 def serve_emulator(pipe: multiprocessing.connection.Connection) -> None:

@@ -44,11 +44,11 @@ from kubearq.core.contract import (
     request_jobs_key,
 )
 from kubearq.core.queueing import NewJob, Tally, enqueue_many
+from kubearq.demo.services import PostgresServer, RedisServer, free_port
 from kubearq.worker.builtins import builtin_jobs
 from kubearq.worker.main import WorkerService
 from kubearq.worker.scrape.jobs import NetworkHooks
 from kubearq.worker.settings import WorkerSettings
-from tests.services import PostgresServer, RedisServer, free_port
 
 
 def serve_site(port: int, listings: int, details: int) -> None:

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.worker_throughput [--jobs 5000] [--max-jobs 16] [--rounds 3]
 
-Starts a private redis-server on a loopback port (tests/services.py), enqueues N no-op jobs, and times how
+Starts a private redis-server on a loopback port (kubearq.demo.services), enqueues N no-op jobs, and times how
 long each worker takes to run them all: kubearq's runtime; bare ARQ with the same settings (poll delay,
 read limit, max_jobs, JSON serializer); and bare ARQ with its defaults. Prints jobs/s and the ratios
 (issue target: kubearq >= 0.95 x bare ARQ with the same settings). Rounds alternate to share the noise.
@@ -25,9 +25,9 @@ from arq.worker import Worker, func
 from kubearq.core.connections import create_redis
 from kubearq.core.contract import deserialize, serialize
 from kubearq.core.queueing import NewJob, enqueue_many
+from kubearq.demo.services import RedisServer
 from kubearq.worker.main import JobSet, WorkerService
 from kubearq.worker.settings import WorkerSettings
-from tests.services import RedisServer
 
 
 async def noop(ctx: dict[str, Any]) -> None:

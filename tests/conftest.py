@@ -9,9 +9,9 @@ import asyncpg
 import pytest
 import redis
 
+from kubearq.demo.services import PostgresServer, RedisServer
 from tests.kubernetes import add_options, control_plane, k8s, mark_kubernetes_tier, summary_line  # noqa: F401
 from tests.scheduling import serving_redis  # noqa: F401
-from tests.services import PostgresServer, RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.processes import LOOPBACK, Service, ServiceError, free_port
+from kubearq.demo.processes import LOOPBACK, Service, ServiceError, free_port
 
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 S = TypeVar("S", bound=Service)

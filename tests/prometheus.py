@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.processes import LOOPBACK, Service, ServiceError
+from kubearq.demo.processes import LOOPBACK, Service, ServiceError
 
 PROMETHEUS_START_TIMEOUT = 30.0
 

@@ -21,10 +21,10 @@ import yaml
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
+from kubearq.demo.processes import LOOPBACK, free_port, tail
 from kubearq.operator.queuestats import label_safe
 from tests.chart import NAMESPACE, by_kind, named, render
 from tests.kubernetes import KubernetesUnderTest
-from tests.processes import LOOPBACK, free_port, tail
 from tests.prometheus import PrometheusServer, Sample, Target
 
 REPO = Path(__file__).resolve().parent.parent

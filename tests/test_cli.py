@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from kubearq.cli import update_settings_reference
+from kubearq.demo.services import free_port
 from tests.crd_rules import REPO
-from tests.services import free_port
 
 SCHEDULE = "apiVersion: kubearq.dev/v1alpha1\nkind: SyncSchedule\nmetadata: {name: realtime}\n"
 

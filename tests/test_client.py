@@ -16,10 +16,10 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.jobs import JobStatus
 
 from kubearq.client import create_pool
+from kubearq.demo.services import free_port
 from kubearq.worker.runtime import DEAD_LETTER_PREFIX
 from tests.crd_rules import REPO
 from tests.polling import until
-from tests.services import free_port
 from tests.test_runtime import running_worker
 
 PICKLED_HINT = ("it looks like a pickled ARQ job (a plain arq.create_pool pickles); kubearq workers take JSON jobs "

@@ -21,6 +21,7 @@ import pytest
 from arq.connections import ArqRedis
 
 from kubearq.core.connections import create_redis
+from kubearq.demo.services import free_port
 from kubearq.operator.context import SYNC_SCHEDULES
 from kubearq.operator.kube import LEASES
 from kubearq.operator.main import KopfStoppedError, Reconciler, quiet_kopf_watch_finalization, run_operator
@@ -28,7 +29,6 @@ from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from tests.crd_rules import REPO
 from tests.kubernetes import KubernetesUnderTest
-from tests.services import free_port
 
 
 @dataclass

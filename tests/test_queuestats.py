@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
+from kubearq.demo.services import RedisServer
 from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
 from kubearq.operator.queuestats import LABEL_VALUE, QueueStats, label_safe, queue_stats
-from tests.services import RedisServer
 
 QUEUE = default_queue_name
 QUEUE_LABEL = "arq-queue-1df91f41fe"

@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError
 
 from kubearq.core.contract import RateLimit
+from kubearq.demo.services import RedisServer
 from kubearq.worker.ratelimit import (
     DRIPS_PER_TOKEN,
     Bucket,
@@ -32,7 +33,6 @@ from kubearq.worker.ratelimit import (
     refill,
     take,
 )
-from tests.services import RedisServer
 
 NOW_US = 1_700_000_000_000_000
 SOAK_SCRIPT = Path(__file__).with_name("ratelimit_soak.py")

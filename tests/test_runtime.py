@@ -23,12 +23,12 @@ from arq.jobs import Job, JobStatus
 
 from kubearq.core.connections import create_redis
 from kubearq.core.contract import deserialize, function_registry_key
+from kubearq.demo.services import RedisServer, free_port
 from kubearq.worker.main import JobSet, WorkerService, load_user_jobs
 from kubearq.worker.runtime import DEAD_LETTER_PREFIX
 from kubearq.worker.settings import WorkerSettings
 from tests.crd_rules import REPO
 from tests.polling import until
-from tests.services import RedisServer, free_port
 
 FAST = {"poll_delay": 0.01, "retry_backoff": 0.02, "retry_backoff_max": 0.05, "heartbeat_interval": 0.5,
         "in_progress_ttl": 2.0, "http_port": 0, "http_host": "127.0.0.1", "health_check_interval": 1.0}

@@ -54,6 +54,7 @@ from kubearq.core.contract import (
     request_jobs_key,
 )
 from kubearq.core.queueing import NewJob, Tally, enqueue_many
+from kubearq.demo.services import PostgresServer, RedisServer, free_port
 from kubearq.worker.builtins import builtin_jobs
 from kubearq.worker.main import JobSet, WorkerService
 from kubearq.worker.net.policy import IPAddress
@@ -63,7 +64,6 @@ from kubearq.worker.scrape.jobs import CONTEXT_KEY, NetworkHooks, is_final, retr
 from kubearq.worker.settings import WorkerSettings
 from tests import polling
 from tests.crd_rules import REPO
-from tests.services import PostgresServer, RedisServer, free_port
 from tests.websites import Reply, Website
 
 FAST = {"poll_delay": 0.01, "retry_backoff": 0.05, "retry_backoff_max": 0.2, "heartbeat_interval": 0.5,

@@ -1,4 +1,4 @@
-"""Tests of the real-service helpers in tests/services.py."""
+"""Tests of the real-service helpers in kubearq.demo.services (Redis and PostgreSQL of a test or demo of its own)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from tests.services import PostgresServer, RedisServer
+from kubearq.demo.services import PostgresServer, RedisServer
 
 _seen_databases: set[str] = set()
 

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
+from kubearq.demo.services import PostgresServer
 from kubearq.worker.storage import (
     Backoff,
     DeletedRows,
@@ -25,7 +26,6 @@ from kubearq.worker.storage import (
     encode_json,
     load_migrations,
 )
-from tests.services import PostgresServer
 
 REQUEST = RequestRef(uid=uuid.UUID("6f1c2a9e-0000-4000-8000-000000000001"), namespace="shows", name="concerts")
 OTHER = RequestRef(uid=uuid.UUID("6f1c2a9e-0000-4000-8000-000000000002"), namespace="shows", name="theatre")

@@ -1,4 +1,4 @@
-"""Private, real Redis and PostgreSQL servers on loopback for tests (the fixtures are in conftest.py)."""
+"""Private, real Redis and PostgreSQL servers on loopback for the tests (fixtures in tests/conftest.py) and the demo."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Literal
 
 import redis
 
-from tests.processes import (
+from kubearq.demo.processes import (
     LOOPBACK,
     POLL_INTERVAL,
     STOP_TIMEOUT,
