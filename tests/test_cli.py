@@ -244,3 +244,12 @@ def test_the_worker_logs_a_final_stopped_line(redis_url: str) -> None:
         rest = process.stderr.read()
     assert process.wait(timeout=30) == 0
     assert re.search(r"INFO kubearq.cli: kubearq worker stopped$", rest.rstrip()), rest
+
+
+def test_lease_timings_that_do_not_nest_are_refused_naming_them() -> None:
+    result = kubearq("operator", env={"LEASE_DURATION": "5", "LEASE_RENEW_DEADLINE": "6", "LOG_FORMAT": "text",
+                                      "KUBECONFIG": "/nonexistent"})
+    assert result.returncode == 2
+    assert result.stderr.rstrip().endswith(
+        "kubearq operator: settings: LEASE_DURATION (5) > LEASE_RENEW_DEADLINE (6.0) > 1.2 x LEASE_RETRY_PERIOD (2.0) "
+        "must hold: the leader gives up before a standby may take over, and renews several times before it gives up")

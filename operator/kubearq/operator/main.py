@@ -398,7 +398,9 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     api = KubeApi(connection, field_manager="kubearq-operator")
     listing = asyncio.create_task(list_into(api, store, settings.watched_namespaces), name="kubearq-listing")
     overrides = {"lease_namespace": settings.lease_namespace, "identity": identity}
-    election = LeaderElectionConfig(lease_name=settings.lease_name,
+    election = LeaderElectionConfig(lease_name=settings.lease_name, lease_duration=settings.lease_duration,
+                                    renew_deadline=settings.lease_renew_deadline,
+                                    retry_period=settings.lease_retry_period,
                                     **{key: value for key, value in overrides.items() if value})
     elector = LeaderElector(api, election, leader_gauge=metrics.leader,
                             lease_errors=metrics.errors.labels(operation="lease"))

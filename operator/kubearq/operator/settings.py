@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubearq.core.connections import check_redis_url
@@ -31,6 +31,12 @@ class OperatorSettings(BaseSettings):
     """Name of the coordination.k8s.io Lease the replicas elect a leader on."""
     lease_namespace: str | None = None
     """Namespace of the Lease (default: POD_NAMESPACE, else `default`)."""
+    lease_duration: Annotated[int, Field(ge=2, le=3600)] = 15
+    """Seconds a standby waits after it last saw the Lease renewed before it takes over (client-go's 15)."""
+    lease_renew_deadline: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    """Seconds the leader keeps trying to renew before it stops leading (client-go's 10)."""
+    lease_retry_period: Annotated[float, Field(gt=0, le=600)] = 2.0
+    """Seconds between renewals, and between a standby's looks at the Lease (client-go's 2)."""
     status_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
     """At most one status patch per resource per this many seconds (progress is coalesced)."""
     queues: Annotated[str, Field(max_length=4096)] = ""
@@ -50,6 +56,15 @@ class OperatorSettings(BaseSettings):
     """Python logging level: DEBUG, INFO, WARNING or ERROR."""
     log_format: Literal["json", "text"] = "json"
     """`json`: one JSON object per line, for log collectors; `text`: plain lines for a person at a terminal."""
+
+    @model_validator(mode="after")
+    def _lease_timings_nest(self) -> Self:
+        if not self.lease_duration > self.lease_renew_deadline > self.lease_retry_period * 1.2:
+            raise ValueError(
+                f"LEASE_DURATION ({self.lease_duration}) > LEASE_RENEW_DEADLINE ({self.lease_renew_deadline}) > "
+                f"1.2 x LEASE_RETRY_PERIOD ({self.lease_retry_period}) must hold: the leader gives up before a "
+                "standby may take over, and renews several times before it gives up")
+        return self
 
     @property
     def watched_namespaces(self) -> list[str]:
