@@ -69,6 +69,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "firecrawl": {"apiKey": {"secretName": "firecrawl-global"},
                       "namespaceKeys": [{"namespace": "team-a", "name": "firecrawl", "fromSecret": "team-a-firecrawl"},
                                         {"namespace": "team-b", "name": "fc", "key": "token"}]},
+        "sync": {"secrets": ["ad-tokens", "meta-tokens"]},
         "operator": {"serviceAccount": {"create": False, "name": "platform-kubearq"}},
         "workerServiceAccount": {"create": False, "name": "platform-workers"}},
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
@@ -314,6 +315,12 @@ def test_existing_secrets_feed_postgresql_and_firecrawl(rendered: dict[str, list
         {"secret": {"name": "fc", "items": [{"key": "token", "path": "team-b/fc/token"}]}}]
     assert spec["serviceAccountName"] == "platform-workers"
     assert operator_pod(objects)["serviceAccountName"] == "platform-kubearq"
+    # the sync connections' credentials: SYNC_SECRETS_DIR/<secret name>/<key>, each Secret mounted whole
+    assert env["SYNC_SECRETS_DIR"] == "/etc/kubearq/sync"
+    mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert [volumes[mounts[f"/etc/kubearq/sync/{name}"]]["secret"] for name in ("ad-tokens", "meta-tokens")] == [
+        {"secretName": "ad-tokens"}, {"secretName": "meta-tokens"}]
     assert by_kind(objects, "ServiceAccount") == []
 
 

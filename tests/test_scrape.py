@@ -219,12 +219,13 @@ def test_only_a_retryable_error_with_tries_left_is_retried() -> None:
     assert is_final(broken, 1, policy)
 
 
-def test_without_database_url_the_scrape_jobs_are_not_served(caplog: pytest.LogCaptureFixture) -> None:
+def test_without_database_url_the_built_in_jobs_are_not_served(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "kubearq.worker.builtins")
     assert builtin_jobs(WorkerSettings(database_url=None)).functions == []
-    assert "DATABASE_URL is not set: not serving the built-in scrape_listing and scrape_detail jobs" in caplog.text
+    assert "DATABASE_URL is not set: not serving the built-in scrape and sync jobs" in caplog.text
     served = builtin_jobs(WorkerSettings(database_url="postgresql://kubearq@db/kubearq")).functions
-    assert [function.name for function in served] == [SCRAPE_LISTING, SCRAPE_DETAIL, "delete_scrape_results"]
+    assert [function.name for function in served] == [SCRAPE_LISTING, SCRAPE_DETAIL, "delete_scrape_results",
+                                                      "sync_connections", "sync_connection", "compact_snapshots"]
 
 
 @pytest.mark.parametrize(("namespace", "name", "key"), [

@@ -35,6 +35,8 @@ EVENTS = [
     {"@type": "MusicEvent", "name": "Night two", "startDate": "2025-05-02T20:00"},
 ]
 MIGRATIONS = load_migrations()
+SHIPPED = [migration.version for migration in MIGRATIONS]
+NEXT = SHIPPED[-1] + 1  # a migration of the tests' own, after those kubearq ships
 
 
 def server_of(dsn: str) -> str:
@@ -108,63 +110,65 @@ async def test_migrate_applies_each_version_once_and_rerunning_is_a_noop(
     postgres_dsn: str, db: asyncpg.Connection
 ) -> None:
     async with Storage(postgres_dsn, connect_timeout=30) as storage:
-        assert await storage.migrate() == [1]
-        first = await db.fetch("SELECT version, name, applied_at FROM kubearq_schema_migrations")
+        assert await storage.migrate() == [1, 2]
+        first = await db.fetch("SELECT version, name, applied_at FROM kubearq_schema_migrations ORDER BY version")
         assert await storage.migrate() == []
-    again = await db.fetch("SELECT version, name, applied_at FROM kubearq_schema_migrations")
-    assert [tuple(row)[:2] for row in first] == [(1, "0001_scrape")]
+    again = await db.fetch("SELECT version, name, applied_at FROM kubearq_schema_migrations ORDER BY version")
+    assert [tuple(row)[:2] for row in first] == [(1, "0001_scrape"), (2, "0002_sync")]
     assert again == first
     tables = await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename")
-    assert [row["tablename"] for row in tables] == ["kubearq_schema_migrations", "scrape_failures", "scrape_items"]
+    assert [row["tablename"] for row in tables] == ["connections", "entities", "kubearq_schema_migrations",
+                                                    "metric_snapshots", "scrape_failures", "scrape_items"]
 
 
 async def test_concurrent_workers_apply_each_migration_exactly_once(postgres_dsn: str, db: asyncpg.Connection) -> None:
     # A slow second migration keeps the race window open: without the lock the others would run it too
     # and fail on the existing table or the version's primary key.
-    slow = Migration(2, "0002_slow", "SELECT pg_sleep(0.3); CREATE TABLE slow_marker (id integer)")
+    slow = Migration(NEXT, f"{NEXT:04d}_slow", "SELECT pg_sleep(0.3); CREATE TABLE slow_marker (id integer)")
     storages = [Storage(postgres_dsn, connect_timeout=30) for _ in range(4)]
     try:
         await asyncio.gather(*(storage.connect() for storage in storages))
         results = await asyncio.gather(*(storage.migrate([*MIGRATIONS, slow]) for storage in storages))
     finally:
         await asyncio.gather(*(storage.close() for storage in storages))
-    assert sorted(results) == [[], [], [], [1, 2]]
+    assert sorted(results) == [[], [], [], [*SHIPPED, NEXT]]
     rows = await db.fetch("SELECT version, name FROM kubearq_schema_migrations ORDER BY version")
-    assert [tuple(row) for row in rows] == [(1, "0001_scrape"), (2, "0002_slow")]
+    assert [tuple(row) for row in rows] == [*((m.version, m.name) for m in MIGRATIONS), (NEXT, f"{NEXT:04d}_slow")]
 
 
 async def test_a_new_migration_file_is_applied_alone_on_the_next_start(
     storage: Storage, db: asyncpg.Connection
 ) -> None:
-    connections = Migration(2, "0002_connections", "CREATE TABLE connections (id uuid PRIMARY KEY)")
-    assert await storage.migrate([*MIGRATIONS, connections]) == [2]
-    assert await db.fetchval("SELECT to_regclass('connections')::text") == "connections"
+    budgets = Migration(NEXT, f"{NEXT:04d}_budgets", "CREATE TABLE budgets (id uuid PRIMARY KEY)")
+    assert await storage.migrate([*MIGRATIONS, budgets]) == [NEXT]
+    assert await db.fetchval("SELECT to_regclass('budgets')::text") == "budgets"
 
 
 async def test_a_failing_migration_is_rolled_back_and_not_recorded(storage: Storage, db: asyncpg.Connection) -> None:
-    broken = Migration(2, "0002_broken", "CREATE TABLE half_done (id integer); SELECT no_such_column FROM half_done")
+    broken = Migration(NEXT, f"{NEXT:04d}_broken",
+                       "CREATE TABLE half_done (id integer); SELECT no_such_column FROM half_done")
     with pytest.raises(asyncpg.UndefinedColumnError) as raised:
         await storage.migrate([*MIGRATIONS, broken])
-    assert raised.value.__notes__ == [f"while applying migration 0002_broken to PostgreSQL at {storage.server}"]
+    assert raised.value.__notes__ == [f"while applying migration {NEXT:04d}_broken to PostgreSQL at {storage.server}"]
     assert await db.fetchval("SELECT to_regclass('half_done')") is None
-    assert await db.fetchval("SELECT max(version) FROM kubearq_schema_migrations") == 1
+    assert await db.fetchval("SELECT max(version) FROM kubearq_schema_migrations") == SHIPPED[-1]
 
 
 async def test_a_database_at_a_newer_schema_version_refuses_to_start(
     storage: Storage, db: asyncpg.Connection, postgres_dsn: str
 ) -> None:
-    await db.execute("INSERT INTO kubearq_schema_migrations (version, name) VALUES (2, '0002_connections')")
+    await db.execute("INSERT INTO kubearq_schema_migrations (version, name) VALUES ($1, 'from_the_future')", NEXT)
     with pytest.raises(SchemaTooNewError) as raised:
         await storage.migrate()
     assert str(raised.value) == (
-        f"the database at {server_of(postgres_dsn)} has schema version 2 (0002_connections), newer than the "
-        "newest this kubearq knows (1): a newer kubearq migrated it; run that version or newer, "
+        f"the database at {server_of(postgres_dsn)} has schema version {NEXT} (from_the_future), newer than the "
+        f"newest this kubearq knows ({SHIPPED[-1]}): a newer kubearq migrated it; run that version or newer, "
         "or set allow_newer_schema to run this one anyway (e.g. for a rollback)"
     )
 
 
 async def test_allow_newer_schema_runs_against_a_newer_database(storage: Storage, db: asyncpg.Connection) -> None:
-    await db.execute("INSERT INTO kubearq_schema_migrations (version, name) VALUES (2, '0002_connections')")
+    await db.execute("INSERT INTO kubearq_schema_migrations (version, name) VALUES ($1, 'from_the_future')", NEXT)
     assert await storage.migrate(allow_newer_schema=True) == []
     await storage.store_page_items(REQUEST, PAGE, EVENTS, "Event")
     assert await storage.count_items(REQUEST.uid) == 2
@@ -341,7 +345,7 @@ async def test_connect_waits_for_a_server_that_starts_later(postgres_private: Po
     storage = Storage(postgres_private.dsn(), connect_timeout=30, on_unavailable=lambda op, e: outages.append(op))
     try:
         await storage.connect()
-        assert await storage.migrate() == [1]
+        assert await storage.migrate() == SHIPPED
     finally:
         await storage.close()
         await starter

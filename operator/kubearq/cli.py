@@ -1,4 +1,4 @@
-"""The `kubearq` command line: operator, worker, enqueue, validate, crds, demo.
+"""The `kubearq` command line: operator, worker, enqueue, connections, validate, crds, demo.
 
 This module is the composition root of the one image: it alone may import both the operator and the
 worker (the import contracts in pyproject.toml keep the two apart everywhere else).
@@ -73,6 +73,26 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--defer-by", type=float, metavar="SECONDS", help="run no sooner than this many seconds")
     enqueue.add_argument("--redis-url", default=None, help="Redis (default: $REDIS_URL, else redis://localhost:6379/0)")
     enqueue.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the result and print it")
+    connections = commands.add_parser(
+        "connections", help="add, list, show or disable the ad-platform connections the sync jobs pull from",
+        description="The connections table of the sync jobs, in PostgreSQL ($DATABASE_URL). Credentials are never "
+                    "stored: --credentials names a Secret key the workers have mounted under SYNC_SECRETS_DIR.")
+    actions = connections.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="add a connection (it is backfilled on its first sync)")
+    add.add_argument("--workspace", required=True, help="the workspace's id (a UUID)")
+    add.add_argument("--provider", required=True, help="http-json, meta-ads, or an installed provider")
+    add.add_argument("--name", required=True, help="a display name")
+    add.add_argument("--config", default="{}", help="the provider's settings, a JSON object (default: {})")
+    add.add_argument("--credentials", metavar="SECRET/KEY", help="the mounted Secret key holding the token")
+    add.add_argument("--time-zone", default="UTC", help="the account's IANA time zone (default: UTC)")
+    listing = actions.add_parser("list", help="the active connections and their sync state")
+    listing.add_argument("--all", action="store_true", help="disabled connections too")
+    listing.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    show = actions.add_parser("get", help="one connection, whole")
+    show.add_argument("id", metavar="ID")
+    show.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
+    off = actions.add_parser("disable", help="stop syncing a connection (its data stays)")
+    off.add_argument("id", metavar="ID")
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the models")
     crds.add_argument("--output", type=Path, default=Path("crds"), help="directory to write into (default: crds)")
     crds.add_argument("--readme", type=Path, help="also rewrite the resource and settings reference in this README")
@@ -214,6 +234,43 @@ async def _enqueue(args: argparse.Namespace) -> int:
         await redis.aclose()
 
 
+def run_connections(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubearq.worker.storage import StorageError
+    from kubearq.worker.sync import admin
+
+    dsn = os.environ.get("DATABASE_URL")
+    if not dsn:
+        print("kubearq connections: set DATABASE_URL to the workers' PostgreSQL (postgresql://user@host/db)",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.action == "add":
+            added = asyncio.run(admin.add(dsn, workspace=args.workspace, provider=args.provider, name=args.name,
+                                          config=args.config, credentials=args.credentials, time_zone=args.time_zone))
+            print(f"connection {added.id} added ({added.provider}, {added.display_name!r}); its first sync "
+                  "backfills 90 days")
+        elif args.action == "list":
+            found = asyncio.run(admin.listed(dsn, all_connections=args.all))
+            print(json.dumps([admin.as_json(c) for c in found], indent=2) if args.output == "json"
+                  else admin.table(found))
+        elif args.action == "get":
+            record = admin.as_json(asyncio.run(admin.get(dsn, args.id)))
+            print(json.dumps(record, indent=2) if args.output == "json" else yaml.safe_dump(
+                dict(record), sort_keys=False).rstrip())
+        else:
+            asyncio.run(admin.disable(dsn, args.id))
+            print(f"connection {args.id} disabled")
+    except admin.AdminError as error:
+        print(f"kubearq connections {args.action}: {error}", file=sys.stderr)
+        return error.code
+    except StorageError as error:
+        print(f"kubearq connections {args.action}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_validate(args: argparse.Namespace) -> int:
     report = check_files(args.files)
     if args.output == "json":
@@ -266,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.readme.write_text(text, encoding="utf-8")
             print(args.readme)
         return 0
-    commands = {"validate": run_validate, "worker": run_worker, "operator": run_operator, "enqueue": run_enqueue}
+    commands = {"validate": run_validate, "worker": run_worker, "operator": run_operator, "enqueue": run_enqueue,
+                "connections": run_connections}
     if args.command in commands:
         return commands[args.command](args)
     print(f"kubearq {args.command}: not built yet — {NOT_BUILT[args.command]}", file=sys.stderr)

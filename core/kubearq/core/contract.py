@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import re
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -30,8 +31,10 @@ MAX_FIELDS = 64
 SCRAPE_LISTING = "scrape_listing"
 SCRAPE_DETAIL = "scrape_detail"
 SYNC_CONNECTIONS = "sync_connections"
+SYNC_CONNECTION = "sync_connection"
 COMPACT_SNAPSHOTS = "compact_snapshots"
-BUILTIN_FUNCTIONS = (SCRAPE_LISTING, SCRAPE_DETAIL, SYNC_CONNECTIONS, COMPACT_SNAPSHOTS)
+BUILTIN_FUNCTIONS = (SCRAPE_LISTING, SCRAPE_DETAIL, SYNC_CONNECTIONS, SYNC_CONNECTION, COMPACT_SNAPSHOTS)
+TICK_JOB_PREFIX = "kubearq:tick:"  # a SyncSchedule tick's job id: kubearq:tick:<schedule uid>:<unix seconds>
 
 
 class ApiModel(BaseModel):
@@ -349,6 +352,14 @@ def undecodable_job(data: bytes) -> str | None:
     if missing:
         return f"it is JSON but not an ARQ job (no {', '.join(missing)}): {FIX_CLIENT}"
     return None
+
+
+def tick_of_job(job_id: str) -> datetime | None:
+    """The tick a SyncSchedule's job was enqueued for, read from its deterministic id; None for other jobs."""
+    if not job_id.startswith(TICK_JOB_PREFIX):
+        return None
+    seconds = job_id.rpartition(":")[2]
+    return datetime.fromtimestamp(int(seconds), UTC) if seconds.isdigit() else None
 
 
 def job_id_for_page(request_uid: str, url: str) -> str:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Generic, TypeVar
 
+from kubearq.core.contract import TICK_JOB_PREFIX
 from kubearq.operator.cron import iter_ticks
 from kubearq.operator.syncschedule import ConcurrencyPolicy
 
@@ -23,7 +24,7 @@ MAX_TICKS_KEPT = 20_000
 
 def tick_job_id(schedule_uid: str, tick: datetime) -> str:
     """Deterministic: the same tick of the same schedule is one ARQ job, whoever enqueues it."""
-    return f"kubearq:tick:{schedule_uid}:{int(tick.timestamp())}"
+    return f"{TICK_JOB_PREFIX}{schedule_uid}:{int(tick.timestamp())}"
 
 
 def jitter_offset(schedule_uid: str, jitter_seconds: int) -> int:

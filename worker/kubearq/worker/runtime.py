@@ -99,6 +99,15 @@ class Defer(Exception):  # noqa: N818 - an instruction, not an error
         self.reason = reason
 
 
+class GiveUp(Exception):  # noqa: N818 - an instruction, not an error
+    """Raised by a job: fail for good now, without the tries left (retrying cannot help: bad input, a revoked
+    token). The job's ARQ result keeps `reason`; the job has recorded whatever the user needs to see."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with equal jitter: try n waits between half and all of base·2ⁿ⁻¹ (capped)."""
@@ -175,6 +184,10 @@ def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetr
                 raise Retry(defer=defer.seconds) from None
             except Retry:
                 retried.inc()
+                raise
+            except GiveUp as give_up:
+                failed.inc()
+                logger.error("failed on try %d of %d, not retried: %s", job_try, max_tries, give_up.reason)
                 raise
             except asyncio.CancelledError:
                 raise  # shutdown or abort: counted by the worker, which knows which it was

@@ -35,7 +35,7 @@ class WorkerSettings(BaseSettings):
     redis_tls_insecure: bool = False
     """Skip certificate and host-name verification for `rediss://` (never in production)."""
     database_url: Annotated[str, AfterValidator(check_database_url)] | None = Field(default=None, repr=False)
-    """PostgreSQL for scrape results and sync tables; without it the built-in scrape jobs are not served."""
+    """PostgreSQL for scrape results and sync tables; without it the built-in scrape and sync jobs are not served."""
     database_connect_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
     """Seconds a starting worker waits for PostgreSQL before giving up (and the pod restarts)."""
     allow_newer_schema: bool = False
@@ -47,6 +47,12 @@ class WorkerSettings(BaseSettings):
     """One Firecrawl API key for requests of every namespace, sent only to FIRECRAWL_API_URL."""
     firecrawl_api_url: Annotated[str, AfterValidator(check_http_url)] = "https://api.firecrawl.dev"
     """The Firecrawl API that FIRECRAWL_API_KEY belongs to."""
+    sync_secrets_dir: Path | None = None
+    """Directory of the sync connections' credentials the chart mounts from Secrets: a connection's
+    `credentials_ref` `<secret name>/<key>` is the file read (a bare token, or JSON with access_token and
+    refresh_token)."""
+    sync_request_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+    """Seconds one request of a sync job to an ad platform may take (a hung platform fails the try)."""
     queue: Annotated[str, Field(min_length=1, max_length=128)] = DEFAULT_QUEUE
     """ARQ queue to serve."""
     max_jobs: Annotated[int, Field(ge=1, le=10_000)] = 16

@@ -341,7 +341,7 @@ class Storage:
         """
         known = tuple(migrations) if migrations is not None else load_migrations()
         applied_now: list[int] = []
-        async with self._connection("migrate") as connection:
+        async with self.connection("migrate") as connection:
             await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY, timeout=timeout)
             try:
                 await connection.execute(
@@ -404,7 +404,7 @@ class Storage:
         # which were a fifth of a scraped page's CPU. The deletes read a count of the upserted rows first
         # (an InitPlan), so the upsert runs to its end before them: rows are locked in item order, then the
         # stale ones, as the earlier transaction did; concurrent runs of a page cannot deadlock.
-        async with self._connection("store_page_items") as connection:
+        async with self.connection("store_page_items") as connection:
             await connection.execute(
                 """
                 WITH upserted AS (
@@ -440,7 +440,7 @@ class Storage:
 
     async def record_failure(self, request: RequestRef, url: str, page_kind: PageKind, error: str, tries: int) -> None:
         """Keep ``url`` as finally failed with its last error and try count (replacing an earlier record)."""
-        async with self._connection("record_failure") as connection:
+        async with self.connection("record_failure") as connection:
             await connection.execute(
                 """
                 INSERT INTO scrape_failures
@@ -465,13 +465,13 @@ class Storage:
 
     async def count_items(self, request_uid: uuid.UUID) -> int:
         """How many items the request has stored."""
-        async with self._connection("count_items") as connection:
+        async with self.connection("count_items") as connection:
             count = await connection.fetchval("SELECT count(*) FROM scrape_items WHERE request_uid = $1", request_uid)
         return cast(int, count)
 
     async def failures(self, request_uid: uuid.UUID, limit: int) -> list[ScrapeFailure]:
         """The request's first ``limit`` failed URLs, oldest first."""
-        async with self._connection("failures") as connection:
+        async with self.connection("failures") as connection:
             rows = await connection.fetch(
                 """
                 SELECT url, page_kind, error, tries, failed_at FROM scrape_failures
@@ -493,13 +493,13 @@ class Storage:
 
     async def delete_request(self, request_uid: uuid.UUID) -> DeletedRows:
         """Remove every item and failure of a request (``deletionPolicy: Delete``)."""
-        async with self._connection("delete_request") as connection, connection.transaction():
+        async with self.connection("delete_request") as connection, connection.transaction():
             items = await connection.execute("DELETE FROM scrape_items WHERE request_uid = $1", request_uid)
             failures = await connection.execute("DELETE FROM scrape_failures WHERE request_uid = $1", request_uid)
         return DeletedRows(items=_rows_affected(items), failures=_rows_affected(failures))
 
     @contextlib.asynccontextmanager
-    async def _connection(self, operation: str) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self, operation: str) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection; losing PostgreSQL on the way becomes `StorageUnavailableError`."""
         if self._pool is None:
             raise RuntimeError("Storage is not connected: use it as `async with Storage(...)` or call connect()")
