@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -45,6 +45,18 @@ class Connection:
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Connection:
         return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class FanOutRow:
+    """What the fan-out needs of an active connection; the config as stored (parsed only when it changed)."""
+
+    id: uuid.UUID
+    provider: str
+    config_text: str
+    credentials_ref: str | None
+    time_zone: str
+    backfilled_at: datetime | None
 
 
 def shorten(error: str) -> str:
@@ -88,6 +100,13 @@ class SyncStore:
             rows = await connection.fetch(
                 "SELECT * FROM connections WHERE active OR NOT $1 ORDER BY created_at, id", active_only)
         return [Connection.from_row(row) for row in rows]
+
+    async def fan_out_rows(self) -> list[FanOutRow]:
+        async with self.storage.connection("list_connections") as connection:
+            rows = await connection.fetch(
+                """SELECT id, provider, config::text AS config_text, credentials_ref, time_zone, backfilled_at
+                   FROM connections WHERE active ORDER BY created_at, id""")
+        return [FanOutRow(*row) for row in rows]
 
     async def set_active(self, connection_id: uuid.UUID, active: bool) -> bool:
         async with self.storage.connection("set_active") as connection:
@@ -176,10 +195,7 @@ class SyncStore:
     async def compaction_days(self, connection_id: uuid.UUID, before: datetime) -> list[datetime]:
         """The UTC days that hold 15-minute snapshots older than `before` (each day's midnight)."""
         async with self.storage.connection("compaction_days") as connection:
-            rows = await connection.fetch(
-                """SELECT DISTINCT date_trunc('day', captured_at, 'UTC') AS day FROM metric_snapshots
-                   WHERE connection_id = $1 AND granularity = '15m' AND captured_at < $2 ORDER BY day""",
-                connection_id, before)
+            rows = await connection.fetch(_COMPACTION_DAYS, connection_id, before)
         return [row["day"] for row in rows]
 
     async def compact(self, connection_id: uuid.UUID, start: datetime, end: datetime,
@@ -192,14 +208,34 @@ class SyncStore:
         assert row is not None
         return int(row["moved"]), int(row["written"])
 
+    async def compact_connection(self, connection_id: uuid.UUID, before: datetime,
+                                 extra_counters: Sequence[str]) -> tuple[int, int, int]:
+        """Compact every UTC day of one connection older than `before`, a statement (a transaction) per day, on
+        one pooled connection. Returns (connection-days, 15-minute rows removed, hourly rows written)."""
+        counters = list(extra_counters)
+        days = moved = written = 0
+        async with self.storage.connection("compact") as connection:
+            found = await connection.fetch(_COMPACTION_DAYS, connection_id, before)
+            statement = await connection.prepare(_COMPACT)
+            for day in (row["day"] for row in found):
+                row = await statement.fetchrow(connection_id, day, min(day + timedelta(days=1), before), counters)
+                assert row is not None
+                days, moved, written = days + 1, moved + int(row["moved"]), written + int(row["written"])
+        return days, moved, written
 
+
+_COMPACTION_DAYS = """
+SELECT DISTINCT date_bin('1 day', captured_at, '2000-01-01 00:00+00') AS day FROM metric_snapshots
+WHERE connection_id = $1 AND granularity = '15m' AND captured_at < $2 ORDER BY day
+"""
 _COMPACT = """
 WITH moved AS (
     DELETE FROM metric_snapshots
     WHERE connection_id = $1 AND granularity = '15m' AND captured_at >= $2 AND captured_at < $3
     RETURNING platform_id, captured_at, spend, impressions, clicks, conversions, revenue, extra
 ), hourly AS (
-    SELECT platform_id, date_trunc('hour', captured_at, 'UTC') AS hour, sum(spend) AS spend,
+    -- date_bin: plain arithmetic on the instant (date_trunc with a time zone looks the zone up per row)
+    SELECT platform_id, date_bin('1 hour', captured_at, '2000-01-01 00:00+00') AS hour, sum(spend) AS spend,
            sum(impressions) AS impressions, sum(clicks) AS clicks, sum(conversions) AS conversions,
            sum(revenue) AS revenue,
            CASE WHEN bool_or(extra <> '{}') THEN kubearq_roll_up_extra(array_agg(extra ORDER BY captured_at), $4)
