@@ -185,8 +185,8 @@ class KubernetesUnderTest:
         role = f"{self.namespace}-{name}"
         await self.api.create(SERVICE_ACCOUNTS, {"metadata": {"name": name}}, namespace=self.namespace,
                               timeout=API_TIMEOUT)
-        await self._create_cluster_object(CLUSTER_ROLES, {"metadata": {"name": role}, "rules": list(rules)})
-        await self._create_cluster_object(CLUSTER_ROLE_BINDINGS, {
+        await self.create_cluster_object(CLUSTER_ROLES, {"metadata": {"name": role}, "rules": list(rules)})
+        await self.create_cluster_object(CLUSTER_ROLE_BINDINGS, {
             "metadata": {"name": role},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": self.namespace}]})
@@ -205,9 +205,11 @@ class KubernetesUnderTest:
         config.write_text(kubeconfig(self.server, ca, {"token": token}, namespace=self.namespace))
         return ServiceAccountLogin(name, self.namespace, connection, config)
 
-    async def _create_cluster_object(self, resource: kube.Resource, body: Mapping[str, Any]) -> None:
-        await self.api.create(resource, body, timeout=API_TIMEOUT)
+    async def create_cluster_object(self, resource: kube.Resource, body: Mapping[str, Any]) -> kube.KubeObject:
+        """Create a cluster-scoped object, deleted again when the test ends."""
+        created = await self.api.create(resource, body, timeout=API_TIMEOUT)
         self.cluster_objects.append((resource, str(body["metadata"]["name"])))
+        return created
 
     async def _until_established(self, name: str) -> None:
         # A real API server establishes a CRD a moment after creating it: watch for that.

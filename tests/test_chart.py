@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kubearq.operator.queuestats import label_safe
-from kubearq.operator.rbac import lease_rules, operator_rules
+from kubearq.operator.rbac import lease_rules, operator_rules, tenancy_rules
 from tests.chart import (
     CHART_DIR,
     CHART_README,
@@ -380,8 +380,11 @@ def test_watch_namespaces_give_a_role_in_each_and_no_cluster_role(rendered: dict
     bindings = [binding for binding in by_kind(objects, "RoleBinding")
                 if binding["metadata"]["name"] == "kubearq-operator"]
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == ["team-a", "team-b"]
-    assert [role["metadata"]["name"] for role in by_kind(objects, "ClusterRole")] == ["kubearq-edit", "kubearq-view"]
-    assert by_kind(objects, "ClusterRoleBinding") == []
+    assert sorted(role["metadata"]["name"] for role in by_kind(objects, "ClusterRole")) == [
+        "kubearq-edit", "kubearq-operator-tenancy", "kubearq-queuepolicy-reader", "kubearq-view"]
+    # the one cluster-wide grant of a namespaced install: the tenancy reads (QueuePolicies, namespace labels)
+    assert [binding["roleRef"]["name"] for binding in by_kind(objects, "ClusterRoleBinding")] == [
+        "kubearq-operator-tenancy"]
     assert env_of(operator_pod(objects)["containers"][0])["NAMESPACE"] == "team-a,team-b"
 
 
@@ -394,6 +397,8 @@ ALLOWED_GRANTS = {
     ("", "events", "create"), ("", "events", "patch"), ("", "configmaps", "get"),
     ("coordination.k8s.io", "leases", "create"), ("coordination.k8s.io", "leases", "get"),
     ("coordination.k8s.io", "leases", "update"),
+    *(("kubearq.dev", "queuepolicies", verb) for verb in ("get", "list", "watch")),
+    *(("", "namespaces", verb) for verb in ("get", "list", "watch")),
 }
 # The aggregated roles: application teams write (edit/admin) and read (view) the two resources.
 AGGREGATED_GRANTS = {
@@ -401,6 +406,7 @@ AGGREGATED_GRANTS = {
        for verb in ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")),
     *(("kubearq.dev", f"{resource}/status", verb) for resource in ("syncschedules", "scraperequests")
        for verb in ("get", "list", "watch")),
+    *(("kubearq.dev", "queuepolicies", verb) for verb in ("get", "list", "watch")),  # admin reads, never writes
 }
 
 
@@ -422,6 +428,26 @@ def test_no_role_grants_a_wildcard_or_anything_off_the_allow_list(rendered: dict
             aggregated = any(label.startswith("rbac.authorization.k8s.io/aggregate-to-")
                              for label in role["metadata"]["labels"])
             assert grants(role) <= (AGGREGATED_GRANTS if aggregated else ALLOWED_GRANTS), role["metadata"]["name"]
+
+
+@pytest.mark.parametrize(("mode", "tenancy_role"), [("namespaced", True), ("policy", True), ("open", False)])
+def test_the_tenancy_mode_reaches_the_operator_with_the_reads_it_needs(mode: str, tenancy_role: bool) -> None:
+    objects = render({"tenancy": {"mode": mode}})
+    assert env_of(operator_pod(objects)["containers"][0])["TENANCY"] == mode
+    roles = {role["metadata"]["name"]: role for role in by_kind(objects, "ClusterRole")}
+    assert ("kubearq-operator-tenancy" in roles) == tenancy_role
+    if tenancy_role:
+        assert rules_of(roles["kubearq-operator-tenancy"]) == tenancy_rules()
+
+
+def test_only_cluster_admins_write_queue_policies() -> None:
+    roles = {role["metadata"]["name"]: role for role in by_kind(render(), "ClusterRole")}
+    reader = roles["kubearq-queuepolicy-reader"]
+    assert {label for label, value in reader["metadata"]["labels"].items() if value == "true"} == {
+        "rbac.authorization.k8s.io/aggregate-to-admin"}  # namespace admins read; not edit, not view
+    assert grants(reader) == {("kubearq.dev", "queuepolicies", verb) for verb in ("get", "list", "watch")}
+    assert not any("queuepolicies" in resource for role in roles.values() if role is not reader
+                   for _, resource, verb in grants(role) if verb not in ("get", "list", "watch"))
 
 
 def test_edit_admin_and_view_are_aggregated_the_two_resources() -> None:

@@ -125,7 +125,7 @@ def test_validate_lists_every_problem_of_a_document_with_its_value(tmp_path: Pat
      "and '.', starting and ending with a letter or digit, at most 253 characters"),
     ("apiVersion: kubearq.dev/v1alpha1\nkind: SyncSchedul\nmetadata: {name: x}\n",
      "syncschedul/x: kind: 'SyncSchedul' is not a kind kubearq serves; did you mean `SyncSchedule`? (SyncSchedule, "
-     "ScrapeRequest)"),
+     "ScrapeRequest, QueuePolicy)"),
     (SCHEDULE, "syncschedule/realtime: spec: required — what the SyncSchedule should do"),
 ])
 def test_validate_checks_the_document_around_the_spec(tmp_path: Path, text: str, message: str) -> None:

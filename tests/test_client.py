@@ -152,3 +152,18 @@ async def test_kubearq_enqueue_says_what_is_wrong_with_its_input(redis_url: str)
     assert no_redis[2].startswith(f"kubearq enqueue: cannot reach Redis at redis://127.0.0.1:{port}/0: ")
     assert (bad_url[0], bad_url[2]) == (2, "kubearq enqueue: --redis-url: REDIS_URL must start with redis://, "
                                            "rediss:// (TLS) or unix://, not 'http://x'\n")
+
+
+async def test_kubearq_enqueue_names_an_origin_a_guarded_pool_runs(redis_url: str) -> None:
+    async with running_worker(redis_url, allowed_namespaces="team-a"):
+        code, out, err = await kubearq("enqueue", "echo", "hi", "--origin", "team-a/Report/weekly", "--wait", "20",
+                                       "--redis-url", redis_url)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1:] == ['{"args": ["hi"], "kwargs": {}}']
+
+
+async def test_kubearq_enqueue_says_how_to_write_an_origin(redis_url: str) -> None:
+    for bad in ("team-a/Report", "Team_A/Report/weekly", "team-a//weekly"):
+        assert await kubearq("enqueue", "echo", "--origin", bad, "--redis-url", redis_url) == (
+            2, "", f"kubearq enqueue: --origin {bad!r}: write NAMESPACE/KIND/NAME, e.g. team-a/Report/weekly "
+                   "(NAMESPACE a namespace name)\n")

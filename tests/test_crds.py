@@ -14,6 +14,7 @@ import yaml
 from kubearq.cli import main
 from kubearq.demo.crdrules import apply_defaults, cel_failures, cel_rules, is_transition_rule, walk
 from kubearq.operator.crds import RESOURCES, custom_resource_definition
+from kubearq.operator.queuepolicy import QueuePolicySpec, QueuePolicyStatus
 from kubearq.operator.reference import update_readme
 from kubearq.operator.scraperequest import (
     FROZEN_SPEC_FIELDS,
@@ -51,7 +52,8 @@ def example_objects() -> list[JsonObject]:
 def test_committed_crds_are_what_the_models_generate(tmp_path: Path, folder: str) -> None:
     assert main(["crds", "--output", str(tmp_path)]) == 0
     generated = sorted(path.name for path in tmp_path.iterdir())
-    assert generated == ["kubearq.dev_scraperequests.yaml", "kubearq.dev_syncschedules.yaml"]
+    assert generated == ["kubearq.dev_queuepolicies.yaml", "kubearq.dev_scraperequests.yaml",
+                         "kubearq.dev_syncschedules.yaml"]
     comparison = filecmp.dircmp(tmp_path, REPO / folder)
     assert comparison.left_only == comparison.right_only == []
     _, mismatch, errors = filecmp.cmpfiles(tmp_path, REPO / folder, generated, shallow=False)
@@ -205,10 +207,22 @@ SCRAPE_REQUEST_FROM_CONFIGMAP = {
     "urlsFrom": {"configMapKeyRef": {"name": "pages", "key": "urls.txt"}},
     "extract": {"jsonLd": {"types": ["Event", "Product"]}},
 }
+FULL_QUEUE_POLICY = {
+    "namespaces": {"names": ["team-a"], "matchLabels": {"kubearq.dev/tenant": "yes"},
+                   "matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]},
+    "queues": ["team-a:*", "arq:shared"], "functions": ["sync_*", "report"],
+    "scrapeRequests": {"allowPrivateNetworks": True, "maxRequestsPerMinute": 600},
+}
+FULL_QUEUE_POLICY_STATUS = {
+    "observedGeneration": 2,
+    "conditions": [{"type": "Ready", "status": "True", "reason": "Applied", "message": "grants 3 namespaces",
+                    "lastTransitionTime": "2026-11-24T10:00:00Z", "observedGeneration": 2}],
+}
 ROUND_TRIPS = [
     ("SyncSchedule", SyncScheduleSpec, FULL_SYNC_SCHEDULE, SyncScheduleStatus, FULL_SYNC_STATUS),
     ("ScrapeRequest", ScrapeRequestSpec, FULL_SCRAPE_REQUEST, ScrapeRequestStatus, FULL_SCRAPE_STATUS),
     ("ScrapeRequest", ScrapeRequestSpec, SCRAPE_REQUEST_FROM_CONFIGMAP, ScrapeRequestStatus, FULL_SCRAPE_STATUS),
+    ("QueuePolicy", QueuePolicySpec, FULL_QUEUE_POLICY, QueuePolicyStatus, FULL_QUEUE_POLICY_STATUS),
 ]
 
 
@@ -238,7 +252,7 @@ def test_round_trip_fixtures_set_every_field_of_spec_and_status(kind: str) -> No
 
 
 @pytest.mark.parametrize(("kind", "spec_model", "spec", "status_model", "status"), ROUND_TRIPS,
-                         ids=["SyncSchedule", "ScrapeRequest-urls", "ScrapeRequest-urlsFrom"])
+                         ids=["SyncSchedule", "ScrapeRequest-urls", "ScrapeRequest-urlsFrom", "QueuePolicy"])
 def test_every_field_round_trips_model_schema_and_back(
     kind: str, spec_model: type[SyncScheduleSpec], spec: JsonObject,
     status_model: type[SyncScheduleStatus], status: JsonObject,
@@ -256,7 +270,8 @@ def test_server_defaults_equal_the_model_defaults(kind: str) -> None:
     """What the API server fills in is what the operator assumes when it re-validates the object."""
     resource = next(resource for resource in RESOURCES if resource.kind == kind)
     minimal = {"SyncSchedule": {"schedule": "@daily", "job": {"function": "f"}},
-               "ScrapeRequest": {"urls": ["https://example.com/"]}}[kind]
+               "ScrapeRequest": {"urls": ["https://example.com/"]},
+               "QueuePolicy": {"namespaces": {"names": ["team-a"]}, "queues": ["team-a:*"]}}[kind]
     spec_schema = cast(JsonObject, cast(JsonObject, schema_of(CRDS[kind])["properties"])["spec"])
     server_defaulted = apply_defaults(spec_schema, minimal)
     model_defaulted = resource.spec_model.model_validate(minimal).model_dump(

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from kubearq.operator import kube
-from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES
+from kubearq.operator.context import QUEUE_POLICIES, SCRAPE_REQUESTS, SYNC_SCHEDULES
 from tests.kubernetes import KubernetesUnderTest
 
 T = 10.0
@@ -196,3 +196,23 @@ async def test_a_status_write_is_checked_against_the_status_schema(k8s: Kubernet
     assert written['status']['runs'] == [{'jobId': 'j1', 'scheduledTime': '2025-01-01T00:00:00Z',
                                           'outcome': 'Queued'}]  # defaulted
     assert written['status']['activeCount'] == 0
+
+
+async def test_a_schedule_may_not_name_a_job_only_the_operator_enqueues(k8s: KubernetesUnderTest,
+                                                                        raw: httpx.AsyncClient) -> None:
+    response = await create(raw, k8s, schedule({"schedule": "@daily", "job": {"function": "delete_scrape_results"}}))
+
+    assert response.json()["message"] == (
+        'SyncSchedule.kubearq.dev "s1" is invalid: spec.job: Invalid value: delete_scrape_results is enqueued by the '
+        "operator alone (when a ScrapeRequest with deletionPolicy: Delete is deleted), never by a schedule")
+
+
+async def test_a_queue_policy_must_select_namespaces(k8s: KubernetesUnderTest, raw: httpx.AsyncClient) -> None:
+    body = {"apiVersion": QUEUE_POLICIES.api_version, "kind": "QueuePolicy", "metadata": {"name": "nobody"},
+            "spec": {"namespaces": {}, "queues": ["team-a:*"]}}
+
+    response = await raw.post(QUEUE_POLICIES.path(), json=body, params={"fieldValidation": "Strict"})
+
+    assert response.json()["message"] == (
+        'QueuePolicy.kubearq.dev "nobody" is invalid: spec.namespaces: Invalid value: name the namespaces (names) or '
+        "select them by label (matchLabels, matchExpressions)")

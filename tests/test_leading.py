@@ -17,11 +17,12 @@ from kubearq.core.contract import deserialize
 from kubearq.core.queueing import NewJob
 from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES, OperatorContext
 from kubearq.operator.kube import ApiError, KubeApi, KubeObject, ObjectList, Resource
-from kubearq.operator.main import DELETED_KEPT, ResourceStore, lead, list_into
+from kubearq.operator.main import lead
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.scheduler import tick_job_id
 from kubearq.operator.schedules import ArmedTick, advance_schedule, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
+from kubearq.operator.store import DELETED_KEPT, ResourceStore, list_into
 from kubearq.operator.writer import StatusWriter
 from tests.kubernetes import KubernetesUnderTest
 from tests.polling import until

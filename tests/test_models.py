@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from kubearq.operator.crds import RESOURCES
+from kubearq.operator.queuepolicy import SELECTOR_MESSAGE, VALUES_MESSAGE
 from kubearq.operator.resources import describe_validation_error
 from kubearq.operator.scraperequest import ScrapeRequestSpec
 from kubearq.operator.syncschedule import SyncScheduleSpec
@@ -192,6 +193,32 @@ BAD_SPECS = {
         "ScrapeRequest", {"urlsFrom": {"configMapKeyRef": {"name": "pages"}}},
         "spec.urlsFrom.configMapKeyRef.key: Field required",
         "spec.urlsFrom.configMapKeyRef: 'key' is a required property"),
+    "schedule enqueuing the operator's own job": BadSpec(
+        "SyncSchedule", {"schedule": "@daily", "job": {"function": "delete_scrape_results"}},
+        "spec.job.function: delete_scrape_results is enqueued by the operator alone (when a ScrapeRequest with "
+        "deletionPolicy: Delete is deleted), never by a schedule",
+        "spec.job: delete_scrape_results is enqueued by the operator alone (when a ScrapeRequest with "
+        "deletionPolicy: Delete is deleted), never by a schedule"),
+    "queue policy granting no namespace": BadSpec(
+        "QueuePolicy", {"namespaces": {}, "queues": ["team-a:*"]},
+        f"spec.namespaces: {SELECTOR_MESSAGE}", f"spec.namespaces: {SELECTOR_MESSAGE}"),
+    "queue policy with no queue": BadSpec(
+        "QueuePolicy", {"namespaces": {"names": ["team-a"]}, "queues": []},
+        "spec.queues: List should have at least 1 item after validation, not 0", "spec.queues: [] should be non-empty"),
+    "queue glob with a space": BadSpec(
+        "QueuePolicy", {"namespaces": {"names": ["team-a"]}, "queues": ["team a"]},
+        "spec.queues[0]: 'team a' is not a name or glob: letters, digits, '_', '.', ':', '/', '-', with * for any "
+        "characters and ? for one",
+        "spec.queues.0: 'team a' does not match '^[A-Za-z0-9_.:*?/-]+$'"),
+    "label selector In without values": BadSpec(
+        "QueuePolicy", {"namespaces": {"matchExpressions": [{"key": "team", "operator": "In"}]}, "queues": ["a"]},
+        f"spec.namespaces.matchExpressions[0]: {VALUES_MESSAGE}",
+        f"spec.namespaces.matchExpressions[]: {VALUES_MESSAGE}"),
+    "unknown label selector operator": BadSpec(
+        "QueuePolicy", {"namespaces": {"matchExpressions": [{"key": "team", "operator": "Within"}]}, "queues": ["a"]},
+        "spec.namespaces.matchExpressions[0].operator: Input should be 'In', 'NotIn', 'Exists' or 'DoesNotExist'",
+        "spec.namespaces.matchExpressions.0.operator: "
+        "'Within' is not one of ['In', 'NotIn', 'Exists', 'DoesNotExist']"),
 }
 SPEC_MODELS = {resource.kind: resource.spec_model for resource in RESOURCES}
 CRDS = load_crds()

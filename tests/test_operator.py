@@ -54,9 +54,11 @@ class Replica:
 async def replicas(k8s: KubernetesUnderTest, redis_url: str, clock: Callable[[], datetime],
                    names: tuple[str, ...], queue_stats_interval: float = 1.0,
                    connection: kopf.ConnectionInfo | None = None,
-                   reconcilers: Mapping[str, Reconciler] | None = None) -> AsyncIterator[dict[str, Replica]]:
+                   reconcilers: Mapping[str, Reconciler] | None = None,
+                   tenancy: str = "open") -> AsyncIterator[dict[str, Replica]]:
     """Operator replicas, each in a thread with its own loop (kopf cancels foreign tasks in its loop); logged
-    in as the test's admin unless given a `connection`; reconciling schedules unless given `reconcilers`."""
+    in as the test's admin unless given a `connection`; reconciling schedules unless given `reconcilers`;
+    TENANCY open unless given (the tests of tenancy say otherwise)."""
     login = connection or k8s.connection
     reconciling = reconcilers or {"SyncSchedule": reconcile_schedule}
     running: dict[str, Replica] = {}
@@ -64,7 +66,7 @@ async def replicas(k8s: KubernetesUnderTest, redis_url: str, clock: Callable[[],
         port = free_port()
         settings = OperatorSettings(redis_url=redis_url, namespace=k8s.namespace, lease_namespace=k8s.namespace,
                                     status_interval=0.5, http_host="127.0.0.1", http_port=port,
-                                    queue_stats_interval=queue_stats_interval)
+                                    queue_stats_interval=queue_stats_interval, tenancy=tenancy)
         stop_flag, failures = threading.Event(), list[BaseException]()
 
         def main(settings: OperatorSettings = settings, stop_flag: threading.Event = stop_flag,

@@ -1,6 +1,7 @@
 """The operator's RBAC is enough, not just small: on a real kube-apiserver, logged in as a ServiceAccount
-holding only `kubearq.operator.rbac`'s rules, it leads, fires a tick, writes status and releases a deleted
-ScrapeRequest through its finalizer, with no 403 and no error anywhere in its log."""
+holding only `kubearq.operator.rbac`'s rules (tenancy's too: it watches QueuePolicies and namespaces), it leads,
+fires a tick a QueuePolicy permits, writes status and releases a deleted ScrapeRequest through its finalizer,
+with no 403 and no error anywhere in its log."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 from arq.connections import ArqRedis
 
 from kubearq.operator import kube
-from kubearq.operator.context import FINALIZER, SCRAPE_REQUESTS, SYNC_SCHEDULES
+from kubearq.operator.context import FINALIZER, QUEUE_POLICIES, SCRAPE_REQUESTS, SYNC_SCHEDULES
 from kubearq.operator.main import default_reconcilers
-from kubearq.operator.rbac import lease_rules, operator_rules
+from kubearq.operator.rbac import lease_rules, operator_rules, tenancy_rules
 from kubearq.operator.settings import OperatorSettings
 from tests.kubernetes import KubernetesUnderTest
 from tests.test_operator import ShiftedClock, eventually, lease_holder, replicas
@@ -27,7 +28,11 @@ async def test_the_operator_runs_on_exactly_its_rbac_without_a_403(
         k8s: KubernetesUnderTest, redis_url: str, serving_redis: ArqRedis, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     login = await k8s.login_as_service_account(
-        "kubearq-operator", [*operator_rules(), *lease_rules(OperatorSettings().lease_name)])
+        "kubearq-operator", [*operator_rules(), *tenancy_rules(), *lease_rules(OperatorSettings().lease_name)])
+    await k8s.create_cluster_object(QUEUE_POLICIES, {  # TENANCY=namespaced, the default: the namespace needs one
+        "apiVersion": QUEUE_POLICIES.api_version, "kind": "QueuePolicy", "metadata": {"name": f"{k8s.namespace}"},
+        "spec": {"namespaces": {"names": [k8s.namespace]}, "queues": ["arq:queue"], "functions": ["sync_connections"],
+                 "scrapeRequests": {}}})
     schedule = await k8s.api.create(SYNC_SCHEDULES, {
         "apiVersion": SYNC_SCHEDULES.api_version, "kind": "SyncSchedule", "metadata": {"name": "minutely"},
         "spec": {"schedule": "* * * * *", "job": {"function": "sync_connections"}}}, namespace=k8s.namespace, timeout=T)
@@ -42,7 +47,7 @@ async def test_the_operator_runs_on_exactly_its_rbac_without_a_403(
     clock = ShiftedClock()
 
     async with replicas(k8s, redis_url, clock, ("solo",), connection=login.connection,
-                        reconcilers=default_reconcilers()):
+                        reconcilers=default_reconcilers(), tenancy="namespaced"):
         await eventually(lambda: _holder_is(k8s, "solo"), what="leadership")
         scrape = await eventually(lambda: _scrape_started(k8s), what="the ScrapeRequest's finalizer and status")
         clock.offset = created.replace(second=0) + timedelta(minutes=1, seconds=1) - datetime.now(UTC)

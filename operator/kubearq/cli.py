@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
@@ -28,6 +28,9 @@ from kubearq.operator.reference import update_readme
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.validation import Report, check_files
 from kubearq.worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from kubearq.core.contract import Origin
 
 logger = logging.getLogger("kubearq.cli")
 NOT_BUILT = {
@@ -73,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--defer-by", type=float, metavar="SECONDS", help="run no sooner than this many seconds")
     enqueue.add_argument("--redis-url", default=None, help="Redis (default: $REDIS_URL, else redis://localhost:6379/0)")
     enqueue.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the result and print it")
+    enqueue.add_argument("--origin", metavar="NAMESPACE/KIND/NAME",
+                         help="the resource the job is for, e.g. team-a/Report/weekly (a worker pool with "
+                              "ALLOWED_NAMESPACES runs only jobs from its namespaces)")
     connections = commands.add_parser(
         "connections", help="add, list, show or disable the ad-platform connections the sync jobs pull from",
         description="The connections table of the sync jobs, in PostgreSQL ($DATABASE_URL). Credentials are never "
@@ -177,6 +183,15 @@ def _json_or_text(value: str) -> object:
         return value
 
 
+def _parse_origin(text: str) -> Origin | None:
+    from kubearq.core.contract import NAMESPACE_NAME, Origin
+
+    parts = text.split("/")
+    if len(parts) != 3 or not all(parts) or not NAMESPACE_NAME.fullmatch(parts[0]):
+        return None
+    return Origin(namespace=parts[0], kind=parts[1], name=parts[2])
+
+
 def run_enqueue(args: argparse.Namespace) -> int:
     return asyncio.run(_enqueue(args))
 
@@ -195,6 +210,13 @@ async def _enqueue(args: argparse.Namespace) -> int:
             print(f"kubearq enqueue: --kwarg {item!r}: write NAME=VALUE, NAME a Python identifier", file=sys.stderr)
             return 2
         kwargs[name] = _json_or_text(value)
+    origin = None
+    if args.origin is not None:
+        origin = _parse_origin(args.origin)
+        if origin is None:
+            print(f"kubearq enqueue: --origin {args.origin!r}: write NAMESPACE/KIND/NAME, e.g. team-a/Report/weekly "
+                  "(NAMESPACE a namespace name)", file=sys.stderr)
+            return 2
     url = args.redis_url or default_redis_url()
     try:
         check_redis_url(url)
@@ -202,7 +224,7 @@ async def _enqueue(args: argparse.Namespace) -> int:
         print(f"kubearq enqueue: --redis-url: {error}", file=sys.stderr)
         return 2
     try:
-        redis = await create_pool(url, queue=args.queue)
+        redis = await create_pool(url, queue=args.queue, origin=origin)
     except (RedisError, OSError, ValueError) as error:
         print(f"kubearq enqueue: cannot reach Redis at {url}: {error}", file=sys.stderr)
         return 1

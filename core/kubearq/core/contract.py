@@ -7,10 +7,12 @@ job argument.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal, Self
@@ -295,6 +297,11 @@ class PageJob(ApiModel):
 
 
 DELETE_SCRAPE_RESULTS = "delete_scrape_results"
+# Built-in jobs only the operator may enqueue (destructive, or driven by a resource's lifecycle): no SyncSchedule
+# and no QueuePolicy can name them.
+OPERATOR_ONLY_FUNCTIONS = (DELETE_SCRAPE_RESULTS,)
+OPERATOR_ONLY_MESSAGE = ("delete_scrape_results is enqueued by the operator alone (when a ScrapeRequest with "
+                         "deletionPolicy: Delete is deleted), never by a schedule")
 
 
 class ResultsDeletion(ApiModel):
@@ -305,6 +312,50 @@ class ResultsDeletion(ApiModel):
     """
 
     request: RequestRef
+
+
+# --- Origin: who enqueued a job -----------------------------------------------------------------------------
+# Every job the operator enqueues carries the resource it comes from (field "o" of ARQ's payload, which ARQ
+# ignores), and the jobs a job enqueues carry it on; a worker pool with ALLOWED_NAMESPACES refuses the others.
+
+
+NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # an RFC 1123 label, as Kubernetes wants
+
+
+class Origin(ApiModel):
+    """The resource a job was enqueued for: `{"namespace": "team-a", "kind": "SyncSchedule", "name": "nightly"}`."""
+
+    namespace: Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
+    kind: Annotated[str, Field(max_length=64)]
+    name: Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+ORIGIN_FIELD = "o"
+CURRENT_ORIGIN: contextvars.ContextVar[Origin | None] = contextvars.ContextVar("kubearq_origin", default=None)
+"""The origin of the job running in this task (set by the worker as it decodes the job)."""
+
+
+def origin_of(payload: dict[str, object]) -> Origin | None:
+    """The origin a decoded job payload carries, if any (a malformed one counts as none)."""
+    found = payload.get(ORIGIN_FIELD)
+    if not isinstance(found, dict):
+        return None
+    try:
+        return Origin.model_validate(found)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=256)  # one per origin: a fan-out of 10,000 jobs dumps its origin once
+def job_serializer(origin: Origin | None) -> Callable[[dict[str, object]], bytes]:
+    """ARQ's `job_serializer` that stamps `origin` into each job it serializes."""
+    if origin is None:
+        return serialize
+    stamp = origin.model_dump()
+    return lambda job: serialize({**job, ORIGIN_FIELD: stamp})
 
 
 # --- Wire format -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
-from kubearq.core.contract import deserialize, serialize
+from kubearq.core.contract import Origin, deserialize, job_serializer
 
 CHUNK = 500  # jobs per script call: long scripts block Redis for every other client
 DEFAULT_EXPIRES_MS = 86_400_000  # ARQ's expires_extra_ms: a job not started within a day expires
@@ -60,6 +60,7 @@ class NewJob:
     kwargs: Mapping[str, object]
     args: Sequence[object] = ()
     defer_until_ms: int | None = None
+    origin: Origin | None = None  # the resource it is enqueued for (the worker pool may check it)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ async def enqueue_many(
             expires_ms, now, tally.field if tally else "", -1 if tally is None or tally.cap is None else tally.cap,
             remember_ms]
         for job in jobs[start : start + CHUNK]:
-            payload = serialize_job(job.function, tuple(job.args), dict(job.kwargs), None, now, serializer=serialize)
+            payload = serialize_job(job.function, tuple(job.args), dict(job.kwargs), None, now,
+                                    serializer=job_serializer(job.origin))
             argv += [job.job_id, job.defer_until_ms or now, payload]
         keys = [queue, tally.hash_key if tally else "", tally.members_key if tally else ""]
         result = cast(list[bytes], await script(keys=keys, args=argv))

@@ -15,10 +15,13 @@ from kubearq.operator.kube import EVENTS, KubeApi, KubeObject, Resource
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.resources import GROUP, VERSION
 from kubearq.operator.settings import OperatorSettings
+from kubearq.operator.tenancy import TenancyState
 
 logger = logging.getLogger(__name__)
 SYNC_SCHEDULES = Resource(GROUP, VERSION, "syncschedules")
 SCRAPE_REQUESTS = Resource(GROUP, VERSION, "scraperequests")
+QUEUE_POLICIES = Resource(GROUP, VERSION, "queuepolicies")
+NAMESPACES = Resource("", "v1", "namespaces")
 FINALIZER = "kubearq.dev/cleanup"
 FIELD_MANAGER = "kubearq-operator"
 API_TIMEOUT = 10.0
@@ -45,6 +48,8 @@ class OperatorContext:
     """Functions served per queue, with when they were read (see schedules.served_functions)."""
     spec_cache: dict[tuple[str, int], object] = field(default_factory=dict)
     """Validated specs by (uid, generation)."""
+    tenancy: TenancyState = field(default_factory=TenancyState.open)
+    """What each namespace may enqueue (QueuePolicies); open when none is watched (unit tests, TENANCY=open)."""
     enqueuer: EnqueueBatcher = field(init=False)
     """Enqueues of many schedules due together, one script call per queue."""
     outcomes: OutcomeReader = field(init=False)

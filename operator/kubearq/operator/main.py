@@ -22,11 +22,11 @@ from typing import Any, TypeVar, cast
 import kopf
 
 from kubearq.core.aio import stop_task, wait_or_timeout
-from kubearq.core.connections import TRANSIENT_ERRORS, create_redis
+from kubearq.core.connections import create_redis
 from kubearq.core.observability import ProbeServer
 from kubearq.operator.access import WatchAccess
 from kubearq.operator.context import OperatorContext, utc_now
-from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource, is_transient
+from kubearq.operator.kube import KubeApi, KubeObject, Resource
 from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLeaderError
 from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
 from kubearq.operator.resources import GROUP, VERSION
@@ -34,141 +34,21 @@ from kubearq.operator.scheduler import FireHeap
 from kubearq.operator.schedules import ArmedTick, ScheduleStep, advance_schedule, fire_armed, reconcile_schedule
 from kubearq.operator.scrapes import scrape_request_reconciler
 from kubearq.operator.settings import OperatorSettings
+from kubearq.operator.store import PLURALS, TENANCY_RESOURCES, Key, ResourceStore, list_into, passing
+from kubearq.operator.tenancy import TenancyMode, TenancyState
 from kubearq.operator.writer import StatusWriter
 
 logger = logging.getLogger(__name__)
 
-Key = tuple[str, str, str]  # (kind, namespace, name)
 Reconciler = Callable[[OperatorContext, KubeObject], Awaitable[datetime | None]]
 """Reconciles one object; returns when to look at it again (None: only when it changes)."""
-PLURALS = {"SyncSchedule": "syncschedules", "ScrapeRequest": "scraperequests"}
 LONGEST_SLEEP = timedelta(seconds=1)
 CONCURRENCY = 64  # objects reconciled at once: Redis and the API server take the rest as a pipeline
 T = TypeVar("T")  # the loop re-reads the clock at least this often (clock jumps, tests)
 
 
-DELETED_KEPT = 10_000
-LIST_CHUNK = 500
-LIST_TIMEOUT = 120.0
 LISTED_WAIT = timedelta(seconds=30)
 """How long a new leader waits for the start-up listing before its first pass (it goes on without it)."""
-
-
-def _set_event() -> asyncio.Event:
-    event = asyncio.Event()
-    event.set()
-    return event
-
-
-def passing(error: BaseException) -> bool:
-    """A failure worth one warning line and a retry, not a traceback: Redis or the API briefly away."""
-    return isinstance(error, TRANSIENT_ERRORS) or is_transient(error)
-
-
-def _revision(body: KubeObject) -> int | None:
-    version = body.get("metadata", {}).get("resourceVersion")
-    return int(version) if isinstance(version, str) and version.isdigit() else None
-
-
-def _intent(body: KubeObject) -> tuple[object, ...]:
-    """What a reconcile acts on: everything but status and bookkeeping."""
-    metadata = body.get("metadata", {})
-    return (body.get("spec"), metadata.get("uid"), metadata.get("generation"), metadata.get("deletionTimestamp"),
-            metadata.get("finalizers"))
-
-
-@dataclass
-class ResourceStore:
-    """Every SyncSchedule and ScrapeRequest as last seen (on the watch, or as the leader wrote it);
-    `dirty` holds the keys whose spec, generation, deletion or finalizers changed since they were read.
-
-    A change of status alone is not work: the leader wrote it (and computed it from what it already
-    knew). The leader's own writes come back on the watch, later than the write's answer, which is stored
-    at once; a watch event older than what is stored is ignored. Versions are compared as numbers, as
-    client-go's mutation cache does (every API server issues etcd revisions); any other version is taken
-    as newer.
-    """
-
-    objects: dict[Key, KubeObject] = field(default_factory=dict)
-    dirty: set[Key] = field(default_factory=set)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    listed: asyncio.Event = field(default_factory=_set_event)
-    """Set once every object that existed at start is in the store (see `list_into`); set from the start
-    for a store filled by other means."""
-    deleted: dict[str, None] = field(default_factory=dict)
-    """uids seen deleted, newest last (at most DELETED_KEPT): an object listed before its deletion but
-    observed after it must not come back."""
-
-    def observe(self, kind: str, event_type: str | None, body: KubeObject) -> None:
-        metadata = body.get("metadata", {})
-        key = (kind, str(metadata.get("namespace")), str(metadata.get("name")))
-        uid = str(metadata.get("uid") or "")
-        if event_type == "DELETED":
-            if uid:
-                self.deleted[uid] = None
-                if len(self.deleted) > DELETED_KEPT:
-                    del self.deleted[next(iter(self.deleted))]
-            known = self.objects.get(key)
-            if known is None or not uid or known.get("metadata", {}).get("uid") == uid:
-                self.objects.pop(key, None)
-                self.dirty.add(key)
-                self.changed.set()
-            return
-        if uid in self.deleted:
-            return
-        known = self.objects.get(key)
-        if known is not None:
-            seen, arriving = _revision(known), _revision(body)
-            if seen is not None and arriving is not None and arriving <= seen:
-                return
-        self.objects[key] = body
-        if known is None or _intent(known) != _intent(body):
-            self.dirty.add(key)
-            self.changed.set()
-
-    def queues(self) -> set[str]:
-        found = set()
-        for (kind, _, _), body in self.objects.items():
-            spec = cast(dict[str, Any], body.get("spec") or {})
-            queue = (spec.get("job") or {}).get("queue") if kind == "SyncSchedule" else spec.get("queue")
-            found.add(str(queue or "arq:queue"))
-        return found
-
-
-async def list_into(api: KubeApi, store: ResourceStore, namespaces: Sequence[str], *,
-                    retry_seconds: float = 1.0) -> None:
-    """Put every SyncSchedule and ScrapeRequest of `namespaces` (none: all) into `store` with one LIST per
-    resource and namespace, then set `store.listed`.
-
-    kopf delivers the objects that exist at start one event at a time through its per-object machinery:
-    10,000 took it 25 s (measured), and a leader elected meanwhile saw a part of them. A LIST takes a few
-    seconds, and the watch store's rules keep it consistent with kopf's stream: an older version never
-    replaces a newer one, and a deleted object never comes back. Retries until it succeeds.
-    """
-    scopes: list[str | None] = [*namespaces] or [None]
-    attempt = 0
-    while True:
-        try:
-            listings = [(kind, await api.list(Resource(GROUP, VERSION, plural), namespace=namespace,
-                                              chunk_size=LIST_CHUNK, timeout=LIST_TIMEOUT))
-                        for namespace in scopes for kind, plural in PLURALS.items()]
-            break
-        except Exception as error:
-            attempt += 1
-            delay = min(30.0, retry_seconds * 2 ** (attempt - 1))
-            if passing(error):
-                logger.warning("listing the resources failed (%s); trying again in %g s", error, delay)
-            elif isinstance(error, ApiError):  # e.g. 403: RBAC without list; not ready until it lists
-                logger.error("listing the resources failed (%s); trying again in %g s", error, delay)
-            else:
-                logger.exception("listing the resources failed; trying again in %g s", delay)
-            await asyncio.sleep(delay)
-    for kind, listing in listings:
-        for item in listing.items:
-            # Items of a list carry no apiVersion and kind; watch events and the reconcilers' bodies do.
-            store.observe(kind, "ADDED", {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, **item})
-    store.listed.set()
-    logger.info("listed %d objects", sum(len(listing.items) for _, listing in listings))
 
 
 def default_reconcilers() -> dict[str, Reconciler]:
@@ -313,6 +193,9 @@ def build_registry(store: ResourceStore, connection: kopf.ConnectionInfo) -> kop
 
     for kind, plural in PLURALS.items():
         kopf.on.event(GROUP, VERSION, plural, registry=registry)(spy_on(kind))
+    if store.tenancy is not None:
+        for kind, resource in TENANCY_RESOURCES.items():
+            kopf.on.event(resource.group, resource.version, resource.plural, registry=registry)(spy_on(kind))
 
     @kopf.on.login(registry=registry)
     def login(**_: object) -> kopf.ConnectionInfo:
@@ -392,7 +275,9 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     # status write. Its warnings and errors still come through.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
-    store = ResourceStore(listed=asyncio.Event())
+    mode = TenancyMode(settings.tenancy)
+    tenancy = None if mode == TenancyMode.OPEN else TenancyState(mode, {}, {})
+    store = ResourceStore(listed=asyncio.Event(), tenancy=tenancy)
     redis = create_redis(settings.redis_url, ca_file=str(settings.redis_ca_file) if settings.redis_ca_file else None,
                          tls_insecure=settings.redis_tls_insecure)
     api = KubeApi(connection, field_manager="kubearq-operator")
@@ -405,7 +290,7 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     elector = LeaderElector(api, election, leader_gauge=metrics.leader,
                             lease_errors=metrics.errors.labels(operation="lease"))
     ctx = OperatorContext(api=api, redis=redis, metrics=metrics, settings=settings,
-                          ensure_leader=elector.ensure_leader, now=now)
+                          ensure_leader=elector.ensure_leader, now=now, tenancy=tenancy or TenancyState.open())
     refresher = QueueStatsRefresher(redis, metrics, queues=lambda: store.queues() | settings.extra_queues,
                                     interval_seconds=settings.queue_stats_interval)
 

@@ -40,3 +40,12 @@ def lease_rules(lease_name: str) -> list[PolicyRule]:
         PolicyRule(apiGroups=["coordination.k8s.io"], resources=["leases"], resourceNames=[lease_name],
                    verbs=["get", "update"]),
     ]
+
+
+def tenancy_rules() -> list[PolicyRule]:
+    """Cluster-wide reads the leader decides tenancy with (unless TENANCY=open): the QueuePolicies, and the
+    namespaces' labels their selectors match."""
+    return [
+        PolicyRule(apiGroups=[GROUP], resources=["queuepolicies"], verbs=["get", "list", "watch"]),
+        PolicyRule(apiGroups=[""], resources=["namespaces"], verbs=["get", "list", "watch"]),
+    ]

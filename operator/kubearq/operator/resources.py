@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
@@ -26,7 +27,7 @@ class PrinterColumn:
 
 @dataclass(frozen=True)
 class ResourceKind:
-    """A namespaced custom resource: names, models and printer columns."""
+    """A custom resource: names, scope, models and printer columns."""
 
     kind: str
     plural: str
@@ -35,6 +36,7 @@ class ResourceKind:
     spec_model: type[BaseModel]
     status_model: type[BaseModel]
     printer_columns: tuple[PrinterColumn, ...] = field(default=())
+    scope: Literal["Namespaced", "Cluster"] = "Namespaced"
 
     @property
     def singular(self) -> str:

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import cast
 
 from kubearq.core.connections import TRANSIENT_ERRORS
-from kubearq.core.contract import function_registry_key
+from kubearq.core.contract import Origin, function_registry_key
 from kubearq.core.queueing import JobOutcome, JobState, NewJob, abort_jobs, remove_queued
 from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
 from kubearq.operator.context import API_TIMEOUT, SYNC_SCHEDULES, OperatorContext, rfc3339
@@ -39,6 +39,7 @@ from kubearq.operator.syncschedule import (
     SyncScheduleSpec,
     SyncScheduleStatus,
 )
+from kubearq.operator.tenancy import NOT_PERMITTED
 from kubearq.operator.validation import InvalidSpecError, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -235,8 +236,17 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
     condition = ready(ConditionStatus.TRUE, "Scheduled", f"next tick at {rfc3339(plan.next_tick)}", generation, now)
     events: list[Event] = []
     retry_at: datetime | None = None
+    verdict = ctx.tenancy.schedule(namespace, queue, spec.job.function)
+    origin = Origin(namespace=namespace, kind="SyncSchedule", name=name)
     if spec.suspend:
         condition = ready(ConditionStatus.FALSE, "Suspended", "spec.suspend is true: no new runs", generation, now)
+    elif not verdict.allowed:
+        # Its ticks pass unenqueued: once a policy permits it, it starts from the next tick, with no catch-up.
+        condition = ready(ConditionStatus.FALSE, NOT_PERMITTED, verdict.message, generation, now)
+        last_handled = plan.enqueue[-1] if plan.enqueue else last_handled
+        was = next((old for old in previous.conditions if old.type == "Ready"), None)
+        if was is None or (was.reason, was.message) != (NOT_PERMITTED, verdict.message):
+            events.append(Event(NOT_PERMITTED, verdict.message, warning=True))
     else:
         missed += plan.missed
         for tick in plan.enqueue:
@@ -261,7 +271,7 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
                     runs.append(ScheduleRun(job_id=tick_job_id(uid, tick), scheduled_time=tick,
                                             enqueued_time=fired_at, outcome=RunOutcome.QUEUED))
                 else:
-                    runs.append(await enqueue_tick(ctx, spec, uid, tick, now))
+                    runs.append(await enqueue_tick(ctx, spec, uid, tick, now, origin=origin))
                 last_handled = tick
             except TRANSIENT_ERRORS as error:
                 ctx.metrics.count_error("enqueue")
@@ -297,7 +307,7 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
         "observed_generation": generation,
         "runs": runs, "active": active_ids, "active_count": len(active_ids),
         "skipped_ticks": skipped, "missed_ticks": missed, "last_schedule_time": last_handled,
-        "next_schedule_time": None if spec.suspend else plan.next_tick,
+        "next_schedule_time": None if spec.suspend or not verdict.allowed else plan.next_tick,
         "conditions": set_condition(previous.conditions, condition),
     })
     wake = [plan.next_tick] if not spec.suspend else []
@@ -306,17 +316,20 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
     if retry_at:
         wake.append(retry_at)
     armed = None
-    if not spec.suspend and spec.concurrency_policy == ConcurrencyPolicy.ALLOW:  # the others decide at the tick
-        job, remember = tick_job(ctx, spec, uid, plan.next_tick)
+    if not spec.suspend and verdict.allowed and spec.concurrency_policy == ConcurrencyPolicy.ALLOW:
+        # (Forbid and Replace decide at the tick; a policy change makes the schedule dirty, so this never fires)
+        job, remember = tick_job(ctx, spec, uid, plan.next_tick, origin=origin)
         armed = ArmedTick(uid, generation, plan.next_tick, queue, job, remember, spec.starting_deadline_seconds)
     return ScheduleStep(body, previous, status, min(wake) if wake else None, tuple(events), armed=armed)
 
 
-def tick_job(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime) -> tuple[NewJob, int]:
-    """One tick's job (deferred by the schedule's jitter) and how long its id stays refused."""
+def tick_job(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime, *,
+             origin: Origin | None = None) -> tuple[NewJob, int]:
+    """One tick's job (deferred by the schedule's jitter, carrying the schedule as its origin) and how long its id
+    stays refused."""
     run_at = tick + timedelta(seconds=jitter_offset(uid, spec.jitter_seconds))
     job = NewJob(tick_job_id(uid, tick), spec.job.function, spec.job.keyword_args, args=spec.job.args,
-                 defer_until_ms=int(run_at.timestamp() * 1000))
+                 defer_until_ms=int(run_at.timestamp() * 1000), origin=origin)
     remember = tick_memory_ms(max(ctx.settings.tick_memory_seconds, spec.job.keep_result_seconds or 0),
                               LEASE_DURATION_SECONDS, spec.starting_deadline_seconds)
     return job, remember
@@ -333,9 +346,9 @@ def count_enqueue(ctx: OperatorContext, queue: str, job_id: str, tick: datetime,
 
 
 async def enqueue_tick(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime,
-                       now: datetime) -> ScheduleRun:
+                       now: datetime, *, origin: Origin | None = None) -> ScheduleRun:
     """Enqueue one tick's job; a second enqueue of it is refused."""
-    job, remember = tick_job(ctx, spec, uid, tick)
+    job, remember = tick_job(ctx, spec, uid, tick, origin=origin)
     ctx.ensure_leader()  # the fence: a replica that lost the Lease writes nothing
     count_enqueue(ctx, spec.job.queue, job.job_id, tick,
                   await ctx.enqueuer.enqueue(spec.job.queue, job, remember_ms=remember))

@@ -28,6 +28,7 @@ from kubearq.core.contract import (
     MAX_URL_LENGTH,
     PROGRESS_FIELDS,
     SCRAPE_LISTING,
+    Origin,
     RequestRef,
     ResultsDeletion,
     ScrapeSettings,
@@ -64,12 +65,14 @@ from kubearq.operator.scraperequest import (
     ScrapeRequestSpec,
     ScrapeRequestStatus,
 )
+from kubearq.operator.tenancy import NOT_PERMITTED, Verdict
 from kubearq.operator.validation import InvalidSpecError, parse_spec
 
 logger = logging.getLogger(__name__)
 
 KIND = "ScrapeRequest"
 SUCCEEDED = "Succeeded"  # the condition type that is the truth (style.md); `phase` is derived from it
+READY = "Ready"  # False (NotPermitted) while no QueuePolicy permits the request
 CONFIG_MAPS = Resource("", "v1", "configmaps")
 URLS_RETRY_SECONDS = 30.0  # a missing ConfigMap is looked for again this often
 CLEANUP_POLL_SECONDS = 2.0  # while aborted jobs stop, or the results deletion job runs
@@ -88,6 +91,7 @@ class Reason(StrEnum):
     ALL_PAGES_SCRAPED = "AllPagesScraped"
     SOME_PAGES_FAILED = "SomePagesFailed"
     ALL_PAGES_FAILED = "AllPagesFailed"
+    NOT_PERMITTED = NOT_PERMITTED  # waiting for a QueuePolicy; Ready says what is missing
 
 
 class Outcome(StrEnum):
@@ -98,6 +102,7 @@ class Outcome(StrEnum):
     COMPLETED = "Completed"  # every page finished; nothing more to do
     INVALID_SPEC = "InvalidSpec"
     URLS_UNAVAILABLE = "UrlsUnavailable"
+    NOT_PERMITTED = "NotPermitted"  # no QueuePolicy permits it: nothing enqueued
     CLEANING_UP = "CleaningUp"  # being deleted; the finalizer stays until its jobs stopped (and results went)
     FINALIZED = "Finalized"  # our finalizer removed
     IGNORED = "Ignored"  # being deleted without our finalizer: nothing of ours to clean
@@ -222,15 +227,21 @@ def build_scrape_settings(spec: ScrapeRequestSpec) -> ScrapeSettings:
     return ScrapeSettings.model_validate({name: getattr(spec, name) for name in ScrapeSettings.model_fields})
 
 
+def request_origin(request: RequestRef) -> Origin:
+    """What a ScrapeRequest's jobs carry as their origin (the worker pool may check it)."""
+    return Origin(namespace=request.namespace, kind=KIND, name=request.name)
+
+
 def build_listing_jobs(request: RequestRef, urls: Sequence[str], settings: ScrapeSettings) -> list[NewJob]:
     """One `scrape_listing` job per (already validated) URL, with the deterministic id that makes a second
     enqueue a no-op. Each `page` is what `PageJob(...).model_dump(mode="json", by_alias=True)` gives, with the
     request and settings dumped once and shared: per-job model dumps were 40% of starting 10,000 pages."""
     request_json = request.model_dump(mode="json", by_alias=True)
     settings_json = settings.model_dump(mode="json", by_alias=True)
+    origin = request_origin(request)
     return [
         NewJob(job_id_for_page(request.uid, url), SCRAPE_LISTING,
-               {"page": {"request": request_json, "url": url, "settings": settings_json}})
+               {"page": {"request": request_json, "url": url, "settings": settings_json}}, origin=origin)
         for url in urls
     ]
 
@@ -238,7 +249,8 @@ def build_listing_jobs(request: RequestRef, urls: Sequence[str], settings: Scrap
 def build_deletion_job(request: RequestRef) -> NewJob:
     """The `delete_scrape_results` job of a request; one id per request, so it is enqueued once at a time."""
     deletion = ResultsDeletion(request=request).model_dump(mode="json", by_alias=True)
-    return NewJob(f"kubearq:delete-results:{request.uid}", DELETE_SCRAPE_RESULTS, {"deletion": deletion})
+    return NewJob(f"kubearq:delete-results:{request.uid}", DELETE_SCRAPE_RESULTS, {"deletion": deletion},
+                  origin=request_origin(request))
 
 
 def parse_failed_url(raw: bytes | str) -> FailedUrl | None:
@@ -328,6 +340,26 @@ def _with_condition(previous: ScrapeRequestStatus, condition: Condition, generat
     conditions = set_condition(previous.conditions, condition)
     return previous.model_copy(update={"observed_generation": generation, "conditions": conditions,
                                        "phase": decide_phase(condition), **changes})
+
+
+def permission_condition(verdict: Verdict, previous: ScrapeRequestStatus, generation: int,
+                         now: datetime) -> Condition | None:
+    """`Ready`: False while no QueuePolicy permits the request; True once one does after it was refused; None
+    (no such condition) for a request that was never refused."""
+    if not verdict.allowed:
+        return Condition(type=READY, status=ConditionStatus.FALSE, reason=NOT_PERMITTED, message=verdict.message,
+                         last_transition_time=now, observed_generation=generation)
+    if any(c.type == READY and c.status == ConditionStatus.FALSE for c in previous.conditions):
+        return Condition(type=READY, status=ConditionStatus.TRUE, reason="Permitted",
+                         message="a QueuePolicy permits this request now", last_transition_time=now,
+                         observed_generation=generation)
+    return None
+
+
+def with_permission(status: ScrapeRequestStatus, condition: Condition | None) -> ScrapeRequestStatus:
+    if condition is None:
+        return status
+    return status.model_copy(update={"conditions": set_condition(status.conditions, condition)})
 
 
 def build_problem_status(previous: ScrapeRequestStatus, reason: Reason, message: str, generation: int,
@@ -432,6 +464,15 @@ async def _reconcile(ctx: OperatorContext, body: KubeObject, obj: ScrapeObject, 
         desired = build_problem_status(previous, Reason.INVALID_SPEC, message, obj.generation, now)
         return await _report_problem(ctx, body, obj, pacer, previous, desired, Outcome.INVALID_SPEC, None)
 
+    verdict = ctx.tenancy.scrape(obj.namespace, spec.queue, private_networks=spec.fetch.allow_private_networks,
+                                 requests_per_minute=spec.rate_limit.requests_per_minute)
+    permission = permission_condition(verdict, previous, obj.generation, now)
+    if not verdict.allowed and previous.start_time is None:  # nothing enqueued yet: wait for a policy
+        waiting = succeeded_condition(ConditionStatus.UNKNOWN, Reason.NOT_PERMITTED, verdict.message, obj.generation,
+                                      now)
+        desired = with_permission(_with_condition(previous, waiting, obj.generation), permission)
+        return await _report_problem(ctx, body, obj, pacer, previous, desired, Outcome.NOT_PERMITTED, None)
+
     if FINALIZER not in obj.finalizers:
         try:
             body = await _add_finalizer(ctx, obj)
@@ -455,7 +496,10 @@ async def _reconcile(ctx: OperatorContext, body: KubeObject, obj: ScrapeObject, 
         await _enqueue_listing_pages(ctx, obj, spec, urls)
         progress = await _read_progress(ctx, obj)
 
-    desired = build_status(previous, progress, queue=spec.queue, generation=obj.generation, now=now)
+    desired = with_permission(build_status(previous, progress, queue=spec.queue, generation=obj.generation, now=now),
+                              permission)
+    if permission is not None and previous.start_time is not None and permission not in previous.conditions:
+        await ctx.post_event(body, permission.reason, permission.message, warning=not verdict.allowed)
     interval = ctx.settings.status_interval
     wait = decide_status_write(previous, desired, seconds_since_write=pacer.seconds_since_write(obj.uid, moment),
                                interval=interval)

@@ -37,6 +37,9 @@ class OperatorSettings(BaseSettings):
     """Seconds the leader keeps trying to renew before it stops leading (client-go's 10)."""
     lease_retry_period: Annotated[float, Field(gt=0, le=600)] = 2.0
     """Seconds between renewals, and between a standby's looks at the Lease (client-go's 2)."""
+    tenancy: Literal["open", "namespaced", "policy"] = "namespaced"
+    """What a namespace without a QueuePolicy may enqueue: `namespaced` only queues `<namespace>:*` (and, for
+    ScrapeRequests, the built-in scrape queue), `policy` nothing, `open` everything (a cluster of one team)."""
     status_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
     """At most one status patch per resource per this many seconds (progress is coalesced)."""
     queues: Annotated[str, Field(max_length=4096)] = ""

@@ -10,7 +10,7 @@ from typing import Annotated, Self
 
 from pydantic import AfterValidator, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
 
-from kubearq.core.contract import DEFAULT_QUEUE, ApiModel
+from kubearq.core.contract import DEFAULT_QUEUE, OPERATOR_ONLY_FUNCTIONS, OPERATOR_ONLY_MESSAGE, ApiModel
 from kubearq.operator.conditions import Conditions
 from kubearq.operator.cron import check_schedule, check_time_zone
 from kubearq.operator.resources import PrinterColumn, ResourceKind
@@ -50,6 +50,8 @@ def check_function_name(name: str) -> str:
         raise ValueError(
             f"{name!r} is not a worker function name; use the name the worker registers, e.g. 'sync_connections'"
         )
+    if name in OPERATOR_ONLY_FUNCTIONS:
+        raise ValueError(OPERATOR_ONLY_MESSAGE)
     return name
 
 
@@ -71,6 +73,11 @@ class RunOutcome(StrEnum):
 
 class JobTemplate(ApiModel):
     """The ARQ job enqueued on every tick."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": " && ".join(f"self.function != '{name}'" for name in OPERATOR_ONLY_FUNCTIONS),
+         "message": OPERATOR_ONLY_MESSAGE},
+    ]})
 
     function: Annotated[
         str,

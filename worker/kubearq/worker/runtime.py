@@ -10,6 +10,9 @@ What ARQ alone does, and what changes here:
 - On SIGTERM it cancels running jobs and charges them a try; here it stops taking jobs, lets running
   ones finish within the grace period and puts the rest back at once with the try refunded.
 - A job it cannot decode is failed and deleted; here its raw bytes are kept under a dead-letter key.
+- It runs any job it can decode; here, with ALLOWED_NAMESPACES, a job whose origin (the namespace and resource
+  it was enqueued for) is not one of those namespaces is refused before it runs: failed, kept, not retried.
+  The origin of the running job is `CURRENT_ORIGIN`, and the jobs it enqueues carry it on.
 - A Redis outage ends its main loop; here the loop logs, counts and reconnects with backoff.
 """
 
@@ -32,8 +35,16 @@ from redis.commands.core import AsyncScript
 
 from kubearq.core.aio import stop_task, wait_or_timeout
 from kubearq.core.connections import TRANSIENT_ERRORS
-from kubearq.core.contract import deserialize, function_registry_key, serialize, undecodable_job
+from kubearq.core.contract import (
+    CURRENT_ORIGIN,
+    deserialize,
+    function_registry_key,
+    origin_of,
+    serialize,
+    undecodable_job,
+)
 from kubearq.core.observability import log_context
+from kubearq.worker.admission import JobRefused, origin_fields, refusal, refused_result, stamp_current_origin
 from kubearq.worker.metrics import WorkerMetrics
 from kubearq.worker.settings import WorkerSettings
 
@@ -170,7 +181,7 @@ def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetr
 
     async def run(ctx: dict[str, Any], *args: object, **kwargs: object) -> object:
         job_id, job_try = str(ctx["job_id"]), int(ctx["job_try"])
-        with log_context(job_id=job_id, function=name):
+        with log_context(job_id=job_id, function=name, **origin_fields(CURRENT_ORIGIN.get())):
             started_total.inc()
             in_flight.inc()
             started = time.monotonic()
@@ -221,8 +232,8 @@ def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetr
 
 
 class QuietUndecodableJobs(logging.Filter):
-    """Drops ARQ's ERROR traceback for a job it cannot decode: `finish_failed_job` says in one WARNING line
-    what the job looks like and how to enqueue it right (ARQ's traceback only shows a UnicodeDecodeError)."""
+    """Drops ARQ's ERROR traceback for a job it cannot decode or refuses: `finish_failed_job` says in one WARNING
+    line what the job looks like and how to enqueue it right (ARQ's traceback only shows a UnicodeDecodeError)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.msg != "deserializing job %s failed"
@@ -243,6 +254,7 @@ class KubearqWorker(Worker):
         on_shutdown: StartupShutdown | None = None,
     ) -> None:
         backoff = Backoff(settings.retry_backoff, settings.retry_backoff_max)
+        self._namespaces_allowed = settings.namespaces_allowed
         super().__init__(
             [supervised(function, settings, metrics, backoff) for function in functions],
             queue_name=settings.queue,
@@ -256,7 +268,7 @@ class KubearqWorker(Worker):
             max_tries=settings.max_tries + 1,
             health_check_interval=settings.health_check_interval,
             job_serializer=serialize,
-            job_deserializer=deserialize,
+            job_deserializer=self._decode_job,
             retry_jobs=True,
             allow_abort_jobs=True,
             ctx=ctx,
@@ -266,6 +278,8 @@ class KubearqWorker(Worker):
         )
         self.settings = settings
         self.metrics = metrics
+        # ARQ's ArqRedis serializes in the caller's task, so this reads the origin of the job that enqueues.
+        redis.job_serializer = stamp_current_origin
         arq_logger = logging.getLogger("arq.worker")
         if not any(isinstance(existing, QuietUndecodableJobs) for existing in arq_logger.filters):
             arq_logger.addFilter(QuietUndecodableJobs())
@@ -283,6 +297,19 @@ class KubearqWorker(Worker):
         self.ctx[ON_FINISH] = self._on_finish
         self.redis_available = True
 
+    # --- decoding -------------------------------------------------------------------------------------
+
+    def _decode_job(self, data: bytes) -> dict[str, object]:
+        """ARQ's `job_deserializer`, called in the job's own task right before its function: notes the job's origin
+        as `CURRENT_ORIGIN` (the function's task, created next, copies this context) and refuses a job that
+        ALLOWED_NAMESPACES excludes (ARQ then fails it through `finish_failed_job`, which says why)."""
+        job = deserialize(data)
+        CURRENT_ORIGIN.set(origin_of(job))
+        refused = refusal(job, self._namespaces_allowed)
+        if refused is not None:
+            raise JobRefused(refused)
+        return job
+
     # --- polling -------------------------------------------------------------------------------------
 
     async def main(self) -> None:
@@ -290,6 +317,9 @@ class KubearqWorker(Worker):
         if self.on_startup:
             await self.on_startup(self.ctx)
         logger.info("serving %d functions on %s: %s", len(self.functions), self.queue_name, ", ".join(self.functions))
+        if self._namespaces_allowed:
+            logger.info("running only jobs from the namespaces %s (ALLOWED_NAMESPACES)",
+                        ", ".join(sorted(self._namespaces_allowed)))
         # The heartbeat outlives the poll loop: jobs finishing during a drain keep their marks fresh.
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="kubearq-heartbeat")
         outage_backoff = Backoff(0.1, 5.0)
@@ -407,7 +437,7 @@ class KubearqWorker(Worker):
             raise errors[-1]
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        # ARQ calls this for a job that failed without running: undecodable, expired, its function not
+        # ARQ calls this for a job that failed without running: undecodable, refused, expired, its function not
         # served, aborted before it started, out of tries. The supervisor never saw it: count it here.
         self._on_finish.pop(job_id, None)
         raw = await self.pool.get(job_key_prefix + job_id)
@@ -415,7 +445,16 @@ class KubearqWorker(Worker):
         if raw is not None:
             problem = undecodable_job(raw)
             if problem is None:
-                function = str(deserialize(raw)["f"])
+                job = deserialize(raw)
+                function = str(job["f"])
+                # The decoder refuses before anything else can fail the job: a refusable job was refused.
+                refused = refusal(job, self._namespaces_allowed)
+                if refused is not None:
+                    await self.pool.set(DEAD_LETTER_PREFIX + job_id, raw, ex=DEAD_LETTER_SECONDS)
+                    with log_context(job_id=job_id, function=function, **origin_fields(origin_of(job))):
+                        logger.warning("job %s (%s) refused: %s; kept as %s%s", job_id, function, refused,
+                                       DEAD_LETTER_PREFIX, job_id)
+                    result_data = refused_result(result_data, job, refused)
             else:
                 function = "undecodable"
                 await self.pool.set(DEAD_LETTER_PREFIX + job_id, raw, ex=DEAD_LETTER_SECONDS)

@@ -10,7 +10,7 @@ from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubearq.core.connections import check_redis_url
-from kubearq.core.contract import DEFAULT_QUEUE, check_http_url
+from kubearq.core.contract import DEFAULT_QUEUE, NAMESPACE_NAME, check_http_url
 from kubearq.core.observability import check_log_level
 
 
@@ -19,6 +19,18 @@ def check_database_url(url: str) -> str:
     if scheme not in ("postgresql", "postgres"):
         raise ValueError("DATABASE_URL must be a postgresql:// URL, e.g. postgresql://user:password@db:5432/kubearq")
     return url
+
+
+
+
+def check_namespace_list(names: str) -> str:
+    """ALLOWED_NAMESPACES as one canonical comma-separated list; every entry a namespace name."""
+    entries = [name.strip() for name in names.split(",") if name.strip()]
+    for name in entries:
+        if not NAMESPACE_NAME.match(name):
+            raise ValueError(f"{name!r} is not a namespace name (lower-case letters, digits and '-', at most 63 "
+                             "characters); ALLOWED_NAMESPACES takes names separated by commas, e.g. team-a,team-b")
+    return ",".join(dict.fromkeys(entries))
 
 
 class WorkerSettings(BaseSettings):
@@ -55,6 +67,11 @@ class WorkerSettings(BaseSettings):
     """Seconds one request of a sync job to an ad platform may take (a hung platform fails the try)."""
     queue: Annotated[str, Field(min_length=1, max_length=128)] = DEFAULT_QUEUE
     """ARQ queue to serve."""
+    allowed_namespaces: Annotated[str, AfterValidator(check_namespace_list)] = ""
+    """Comma-separated namespaces whose jobs this worker runs (a job names the namespace and resource it was enqueued
+    for); a job from another namespace, or naming none, fails at once without a retry. Unset: jobs from anywhere. A
+    guard against mistakes and stray writers, not against whoever can write to Redis (an origin is what the job's
+    writer says it is)."""
     max_jobs: Annotated[int, Field(ge=1, le=10_000)] = 16
     """Jobs run at once by this process."""
     job_timeout: Annotated[float, Field(gt=0, le=86_400)] = 300.0
@@ -101,6 +118,11 @@ class WorkerSettings(BaseSettings):
         if self.retry_backoff_max < self.retry_backoff:
             raise ValueError("RETRY_BACKOFF_MAX must be at least RETRY_BACKOFF")
         return self
+
+    @property
+    def namespaces_allowed(self) -> frozenset[str]:
+        """ALLOWED_NAMESPACES as a set; empty when every namespace is allowed."""
+        return frozenset(self.allowed_namespaces.split(",")) - {""}
 
     @property
     def read_limit(self) -> int:

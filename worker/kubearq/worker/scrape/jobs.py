@@ -33,6 +33,7 @@ from arq.worker import Retry
 from redis.asyncio import Redis
 
 from kubearq.core.contract import (
+    CURRENT_ORIGIN,
     FAILURES_SHOWN,
     MAX_URL_LENGTH,
     SCRAPE_DETAIL,
@@ -358,15 +359,17 @@ async def _check_robots(
 
 
 async def _fan_out(redis: Redis, job: PageJob, listing: Page) -> dict[str, object]:
-    """Enqueue the detail pages linked from a listing page; the id makes a page found twice one job."""
+    """Enqueue the detail pages linked from a listing page; the id makes a page found twice one job, and each
+    carries the listing's origin (a worker pool with ALLOWED_NAMESPACES runs them as it ran the listing)."""
     discovery = job.settings.links
     links = [link for link in find_links(listing.text, listing.url, discovery) if len(link) <= MAX_URL_LENGTH]
     links = links[: discovery.max_detail_pages]
     request = job.request.model_dump(mode="json", by_alias=True)
     settings = job.settings.model_dump(mode="json", by_alias=True)
     uid = job.request.uid
+    origin = CURRENT_ORIGIN.get()
     jobs = [NewJob(job_id_for_page(uid, link), SCRAPE_DETAIL, {"page": {"request": request, "url": link,
-                                                                       "settings": settings}})
+                                                                       "settings": settings}}, origin=origin)
             for link in links]
     tally = Tally(progress_key(uid), "detail_total", request_jobs_key(uid), cap=discovery.max_detail_pages)
     added = await enqueue_many(redis, job.settings.queue, jobs, tally=tally)

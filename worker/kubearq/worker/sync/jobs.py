@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel
 
-from kubearq.core.contract import SYNC_CONNECTION, tick_of_job
+from kubearq.core.contract import CURRENT_ORIGIN, SYNC_CONNECTION, Origin, tick_of_job
 from kubearq.core.queueing import NewJob, enqueue_many
 from kubearq.worker.runtime import Backoff, Defer, GiveUp
 from kubearq.worker.storage import StorageUnavailableError
@@ -172,8 +172,10 @@ class FanOut:
     unsyncable: dict[uuid.UUID, str]
 
 
-def plan_fan_out(connections: Sequence[FanOutRow], mode: Mode, tick: datetime, resources: SyncResources) -> FanOut:
-    """A job for every connection that can be synced (a new one is backfilled first), the reason for the others."""
+def plan_fan_out(connections: Sequence[FanOutRow], mode: Mode, tick: datetime, resources: SyncResources,
+                 origin: Origin | None = None) -> FanOut:
+    """A job for every connection that can be synced (a new one is backfilled first), the reason for the others;
+    each job carries `origin`, the fan-out's own."""
     jobs, unsyncable = [], {}
     for connection in connections:
         try:
@@ -185,7 +187,8 @@ def plan_fan_out(connections: Sequence[FanOutRow], mode: Mode, tick: datetime, r
             continue
         chosen: Mode = "backfill" if mode == "realtime" and connection.backfilled_at is None else mode
         jobs.append(NewJob(sync_job_id(connection.id, chosen, tick), SYNC_CONNECTION,
-                           {"connection_id": str(connection.id), "mode": chosen, "tick": tick.isoformat()}))
+                           {"connection_id": str(connection.id), "mode": chosen, "tick": tick.isoformat()},
+                           origin=origin))
     return FanOut(jobs, unsyncable)
 
 
@@ -199,7 +202,7 @@ async def sync_connections(ctx: dict[str, Any], mode: str = "realtime") -> dict[
     tick = job_tick(ctx, None, resources.now())
     try:
         connections = await resources.store.fan_out_rows()
-        plan = plan_fan_out(connections, chosen, tick, resources)
+        plan = plan_fan_out(connections, chosen, tick, resources, CURRENT_ORIGIN.get())
         await resources.store.mark_unsyncable(plan.unsyncable)
     except StorageUnavailableError as error:
         raise Defer(resources.storage_backoff.delay(int(ctx.get("job_try", 1))), str(error)) from None
