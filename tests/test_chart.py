@@ -398,6 +398,7 @@ ALLOWED_GRANTS = {
     ("coordination.k8s.io", "leases", "create"), ("coordination.k8s.io", "leases", "get"),
     ("coordination.k8s.io", "leases", "update"),
     *(("kubearq.dev", "queuepolicies", verb) for verb in ("get", "list", "watch")),
+    ("kubearq.dev", "queuepolicies/status", "patch"),  # Ready: applied, or ignored and why
     *(("", "namespaces", verb) for verb in ("get", "list", "watch")),
 }
 # The aggregated roles: application teams write (edit/admin) and read (view) the two resources.
@@ -446,8 +447,11 @@ def test_only_cluster_admins_write_queue_policies() -> None:
     assert {label for label, value in reader["metadata"]["labels"].items() if value == "true"} == {
         "rbac.authorization.k8s.io/aggregate-to-admin"}  # namespace admins read; not edit, not view
     assert grants(reader) == {("kubearq.dev", "queuepolicies", verb) for verb in ("get", "list", "watch")}
-    assert not any("queuepolicies" in resource for role in roles.values() if role is not reader
+    # The operator writes a policy's status, never its spec; nobody else writes either.
+    assert not any(resource == "queuepolicies" for role in roles.values() if role is not reader
                    for _, resource, verb in grants(role) if verb not in ("get", "list", "watch"))
+    assert {(name, verb) for name, role in roles.items() for _, resource, verb in grants(role)
+            if resource == "queuepolicies/status"} == {("kubearq-operator-tenancy", "patch")}
 
 
 def test_edit_admin_and_view_are_aggregated_the_two_resources() -> None:

@@ -18,7 +18,14 @@ from kubearq.operator.queuepolicy import QueuePolicySpec
 from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.scrapes import StatusPacer, reconcile_scrape_request
 from kubearq.operator.store import ResourceStore
-from kubearq.operator.tenancy import Policy, TenancyMode, TenancyState, decide_schedule, decide_scrape
+from kubearq.operator.tenancy import (
+    Policy,
+    TenancyMode,
+    TenancyState,
+    decide_schedule,
+    decide_scrape,
+    policy_status,
+)
 from tests.kubernetes import KubernetesUnderTest
 from tests.polling import until
 from tests.scheduling import Clock
@@ -241,6 +248,29 @@ def schedule_body(namespace: str, name: str) -> kube.KubeObject:
                          "generation": 1}, "spec": {"schedule": "@daily", "job": {"function": "f"}}}
 
 
+def test_a_policy_shows_whether_it_is_applied_and_is_written_once() -> None:
+    now = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+    body: dict[str, Any] = {"metadata": {"name": "p", "generation": 3}, "spec": {}}
+    applied = policy_status(body, None, now)
+    assert applied == {"observedGeneration": 3, "conditions": [{
+        "type": "Ready", "status": "True", "reason": "Applied", "lastTransitionTime": "2026-12-02T10:00:00Z",
+        "message": "the leader checks every SyncSchedule and ScrapeRequest against it", "observedGeneration": 3}]}
+    assert policy_status({**body, "status": applied}, None, now + timedelta(minutes=5)) is None
+    ignored = policy_status({**body, "status": applied}, "spec.queues: Field required", now + timedelta(minutes=5))
+    assert ignored is not None
+    assert ignored["conditions"] == [{
+        "type": "Ready", "status": "False", "reason": "Invalid", "lastTransitionTime": "2026-12-02T10:05:00Z",
+        "message": "ignored: spec.queues: Field required", "observedGeneration": 3}]
+
+
+def test_a_policy_the_model_refuses_is_ignored_and_says_why() -> None:
+    state = TenancyState(TenancyMode.NAMESPACED, {}, {})
+    state.observe_policy("p", {"namespaces": {"names": ["team-a"]}})
+    assert (state.policies, state.problems) == ({}, {"p": "spec.queues: Field required"})
+    state.observe_policy("p", {"namespaces": {"names": ["team-a"]}, "queues": ["q"]})
+    assert (list(state.policies), state.problems) == (["p"], {})
+
+
 def test_a_policy_change_makes_every_object_dirty_and_a_relabelled_namespace_its_own() -> None:
     store = ResourceStore(tenancy=TenancyState(TenancyMode.NAMESPACED, {}, {}))
     for namespace, name in (("team-a", "one"), ("team-b", "two")):
@@ -276,6 +306,7 @@ async def test_whole_replicas_follow_a_label_selector_as_the_namespace_is_relabe
     async with replicas(k8s, redis_url, clock, ("solo",), tenancy="namespaced"):
         await until(lambda: _holder_is(k8s, "solo"), what="leadership")
         await until(lambda: _ready_reason(k8s, "NotPermitted"), what="the schedule refused")
+        await until(lambda: _policy_ready(k8s, f"{k8s.namespace}-sel"), what="the policy's Ready=True Applied")
         await k8s.api.patch(NAMESPACES, k8s.namespace, {"metadata": {"labels": {"kubearq-test/syncs": "allowed"}}},
                             timeout=T)
         clock.offset = tick + timedelta(seconds=1) - datetime.now(UTC)
@@ -286,6 +317,12 @@ async def test_whole_replicas_follow_a_label_selector_as_the_namespace_is_relabe
         clock.offset += timedelta(minutes=1)
         await until(lambda: _ready_reason(k8s, "NotPermitted"), what="still refused at the next tick")
     assert await serving_redis.zcard("arq:queue") == 1
+
+
+async def _policy_ready(k8s: KubernetesUnderTest, name: str) -> bool:
+    status = status_of(await k8s.api.get(QUEUE_POLICIES, name, timeout=T))
+    return status.get("observedGeneration") == 1 and any(
+        (c["type"], c["status"], c["reason"]) == ("Ready", "True", "Applied") for c in status.get("conditions", []))
 
 
 async def _holder_is(k8s: KubernetesUnderTest, identity: str) -> bool:

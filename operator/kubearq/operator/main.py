@@ -25,8 +25,8 @@ from kubearq.core.aio import stop_task, wait_or_timeout
 from kubearq.core.connections import create_redis
 from kubearq.core.observability import ProbeServer
 from kubearq.operator.access import WatchAccess
-from kubearq.operator.context import OperatorContext, utc_now
-from kubearq.operator.kube import KubeApi, KubeObject, Resource
+from kubearq.operator.context import API_TIMEOUT, QUEUE_POLICIES, OperatorContext, utc_now
+from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource
 from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLeaderError
 from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
 from kubearq.operator.resources import GROUP, VERSION
@@ -35,7 +35,7 @@ from kubearq.operator.schedules import ArmedTick, ScheduleStep, advance_schedule
 from kubearq.operator.scrapes import scrape_request_reconciler
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.store import PLURALS, TENANCY_RESOURCES, Key, ResourceStore, list_into, passing
-from kubearq.operator.tenancy import TenancyMode, TenancyState
+from kubearq.operator.tenancy import TenancyMode, TenancyState, policy_status
 from kubearq.operator.writer import StatusWriter
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
                     heap.remove(key)
                 else:
                     heap.schedule(key, wake)
+            await report_policies(ctx, store)
             if store.dirty:
                 continue
             next_time = heap.next_time()
@@ -95,6 +96,34 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
             await wait_or_timeout(store.changed, max(0.0, delay.total_seconds()))
     finally:
         await writer.stop()
+
+
+async def report_policies(ctx: OperatorContext, store: ResourceStore) -> None:
+    """Write `Ready` on the QueuePolicies that changed: applied, or ignored and why. A failed write is tried
+    again on a later pass (the decisions never wait for it)."""
+    if store.tenancy is None:
+        return
+    for name in sorted(store.policies_to_report):
+        store.policies_to_report.discard(name)
+        body = store.policies.get(name)
+        status = None if body is None else policy_status(body, store.tenancy.problems.get(name), ctx.now())
+        if status is None:
+            continue
+        try:
+            written = await ctx.api.patch_status(QUEUE_POLICIES, name, status, timeout=API_TIMEOUT)
+        except ApiError as error:
+            if error.code != 404:  # 404: deleted meanwhile
+                logger.warning("writing the status of QueuePolicy %s failed: %s; trying again later", name, error)
+                store.policies_to_report.add(name)
+            continue
+        except Exception as error:
+            if not passing(error):
+                raise
+            logger.warning("writing the status of QueuePolicy %s failed: %s; trying again later", name, error)
+            store.policies_to_report.add(name)
+            continue
+        store.observe("QueuePolicy", "MODIFIED", {"apiVersion": QUEUE_POLICIES.api_version, "kind": "QueuePolicy",
+                                                  **written})
 
 
 def _unchanged(armed: ArmedTick, body: KubeObject | None) -> bool:

@@ -44,8 +44,9 @@ def lease_rules(lease_name: str) -> list[PolicyRule]:
 
 def tenancy_rules() -> list[PolicyRule]:
     """Cluster-wide reads the leader decides tenancy with (unless TENANCY=open): the QueuePolicies, and the
-    namespaces' labels their selectors match."""
+    namespaces' labels their selectors match; and the policies' status (applied, or ignored and why)."""
     return [
         PolicyRule(apiGroups=[GROUP], resources=["queuepolicies"], verbs=["get", "list", "watch"]),
+        PolicyRule(apiGroups=[GROUP], resources=["queuepolicies/status"], verbs=["patch"]),
         PolicyRule(apiGroups=[""], resources=["namespaces"], verbs=["get", "list", "watch"]),
     ]

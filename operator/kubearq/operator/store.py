@@ -73,6 +73,9 @@ class ResourceStore:
     tenancy: TenancyState | None = None
     """QueuePolicies and namespace labels (watched unless TENANCY=open): a change makes the objects it
     decides for dirty, so it takes effect on the next pass, both ways."""
+    policies: dict[str, KubeObject] = field(default_factory=dict)
+    """Each QueuePolicy as last seen; those in `policies_to_report` may need their status written."""
+    policies_to_report: set[str] = field(default_factory=set)
 
     def observe(self, kind: str, event_type: str | None, body: KubeObject) -> None:
         if kind in TENANCY_RESOURCES:
@@ -110,6 +113,16 @@ class ResourceStore:
         metadata = body.get("metadata", {})
         name = str(metadata.get("name"))
         if kind == "QueuePolicy":
+            if event_type == "DELETED":
+                self.policies.pop(name, None)
+            else:
+                known = self.policies.get(name)
+                seen, arriving = (_revision(known) if known else None), _revision(body)
+                if seen is not None and arriving is not None and arriving <= seen:
+                    return  # older than what the leader wrote
+                self.policies[name] = body
+            self.policies_to_report.add(name)
+            self.changed.set()
             before = self.tenancy.policies.get(name)
             self.tenancy.observe_policy(name, None if event_type == "DELETED" else body.get("spec"))
             if self.tenancy.policies.get(name) != before:

@@ -14,11 +14,16 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 
+from pydantic import ValidationError
+
 from kubearq.core.contract import DEFAULT_QUEUE, OPERATOR_ONLY_FUNCTIONS, OPERATOR_ONLY_MESSAGE
-from kubearq.operator.queuepolicy import LabelRequirement, NamespaceSelector, QueuePolicySpec
+from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
+from kubearq.operator.queuepolicy import LabelRequirement, NamespaceSelector, QueuePolicySpec, QueuePolicyStatus
+from kubearq.operator.resources import describe_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +158,8 @@ class TenancyState:
     mode: TenancyMode
     policies: dict[str, Policy]
     labels: dict[str, dict[str, str]]
+    problems: dict[str, str] = field(default_factory=dict)
+    """Why a QueuePolicy the API server took is ignored (its model refuses it), by name."""
 
     @classmethod
     def open(cls) -> TenancyState:
@@ -169,13 +176,16 @@ class TenancyState:
 
     def observe_policy(self, name: str, spec: object | None) -> None:
         """A QueuePolicy as watched (None: deleted; one the API server took but the model refuses is ignored)."""
+        self.problems.pop(name, None)
         if spec is None:
             self.policies.pop(name, None)
             return
         try:
             self.policies[name] = Policy(name, QueuePolicySpec.model_validate(spec))
         except ValueError as error:
-            logger.error("QueuePolicy %s is ignored: %s", name, error)
+            self.problems[name] = describe_validation_error(error) if isinstance(error, ValidationError) \
+                else str(error)
+            logger.error("QueuePolicy %s is ignored: %s", name, self.problems[name])
             self.policies.pop(name, None)
 
     def observe_namespace(self, name: str, labels: Mapping[str, str] | None) -> bool:
@@ -186,3 +196,28 @@ class TenancyState:
         else:
             self.labels[name] = dict(labels)
         return before != self.labels.get(name)
+
+
+APPLIED = "Applied"
+INVALID = "Invalid"
+
+
+def policy_status(body: Mapping[str, object], problem: str | None, now: datetime) -> dict[str, object] | None:
+    """The status a QueuePolicy should show (`Ready`: applied, or ignored and why), or None if it shows it."""
+    metadata = body.get("metadata")
+    generation = metadata.get("generation") if isinstance(metadata, Mapping) else None
+    try:
+        current = QueuePolicyStatus.model_validate(body.get("status") or {})
+    except ValueError:
+        current = QueuePolicyStatus()
+    observed = generation if isinstance(generation, int) else None
+    ready = Condition(
+        type="Ready", status=ConditionStatus.TRUE if problem is None else ConditionStatus.FALSE,
+        reason=APPLIED if problem is None else INVALID,
+        message="the leader checks every SyncSchedule and ScrapeRequest against it" if problem is None
+        else f"ignored: {problem}",
+        last_transition_time=now, observed_generation=observed)
+    wanted = QueuePolicyStatus(observed_generation=observed, conditions=set_condition(current.conditions, ready))
+    if wanted == current:
+        return None
+    return wanted.model_dump(mode="json", by_alias=True, exclude_none=True)
