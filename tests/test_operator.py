@@ -29,6 +29,7 @@ from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from tests.crd_rules import REPO
 from tests.kubernetes import KubernetesUnderTest
+from tests.polling import until
 
 
 @dataclass
@@ -294,3 +295,23 @@ async def _ready(port: int) -> bool:
             return (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
         except httpx.TransportError:
             return False
+
+
+async def test_a_replica_stops_without_kopf_waiting_on_a_kept_alive_metrics_connection(
+        k8s: KubernetesUnderTest, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Prometheus keeps its connection to /metrics open between scrapes; its handler task was one kopf counted
+    as its own and waited 5 s for at every stop (found by the demo: the leader took 5 s to stop)."""
+    caplog.set_level(logging.DEBUG, logger="kopf._core.reactor.running")
+    async with replicas(k8s, redis_url, lambda: datetime.now(UTC), ("solo",)) as running:
+        await until(lambda: _holds(k8s, "solo"), what="leadership")
+        async with httpx.AsyncClient() as client:  # one connection, kept alive
+            for _ in range(2):
+                assert (await client.get(f"http://127.0.0.1:{running['solo'].port}/metrics")).status_code == 200
+            running["solo"].stop.set()
+            await asyncio.to_thread(running["solo"].thread.join, 30)
+    hung = [record.getMessage() for record in caplog.records if record.getMessage().startswith("Hung tasks")]
+    assert hung == ["Hung tasks stopping is skipped: no tasks given."]
+
+
+async def _holds(k8s: KubernetesUnderTest, identity: str) -> bool:
+    return await lease_holder(k8s) == identity

@@ -37,6 +37,7 @@ from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.scraperequest import PageCounts, Phase, ScrapeRequestStatus
 from kubearq.operator.scrapes import (
     CONFIG_MAPS,
+    CONFLICT_RETRY_SECONDS,
     Outcome,
     Progress,
     Reason,
@@ -286,6 +287,8 @@ async def test_reconciling_again_enqueues_nothing_twice(operator: Operator) -> N
 
     assert [result.outcome for result in again] == [Outcome.RUNNING] * 3
     assert replayed.outcome == Outcome.CONFLICT  # enqueued again, refused as duplicates; then a stale write
+    # and it looks again soon: the newer object differs only in the status it wrote, which wakes nothing
+    assert replayed.wake_at == operator.ctx.now() + datetime.timedelta(seconds=CONFLICT_RETRY_SECONDS)
     assert await operator.redis.zcard(QUEUE) == 2
     assert await operator.redis.hget(progress_key(uid), "listing_total") == b"2"  # type: ignore[misc]
     assert (await operator.status("events"))["startTime"] == "2025-03-01T12:00:00Z"
@@ -527,7 +530,8 @@ async def test_a_stale_object_gets_no_finalizer_and_nothing_enqueued(operator: O
 
     result = await reconcile_scrape_request(operator.ctx, stale, pacer=operator.pacer)
 
-    assert result.outcome == Outcome.CONFLICT
+    assert (result.outcome, result.wake_at) == (
+        Outcome.CONFLICT, operator.ctx.now() + datetime.timedelta(seconds=CONFLICT_RETRY_SECONDS))
     assert "finalizers" not in (await operator.get("events"))["metadata"]
     assert await operator.redis.dbsize() == 0
 

@@ -378,10 +378,12 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     async with contextlib.AsyncExitStack() as stopping:
         stopping.push_async_callback(redis.aclose)
         stopping.push_async_callback(api.aclose)
-        stopping.push_async_callback(probes.stop)
         stopping.push_async_callback(refresher.stop)
         stopping.push_async_callback(stop_task, checking_access, 5, "the LIST access check")
         stopping.push_async_callback(watch.stop)
+        # Before kopf stops: kopf waits 5 s for every task begun after it started, and a kept-alive /metrics
+        # connection (Prometheus keeps one) has its handler task waiting for the next request.
+        stopping.push_async_callback(probes.stop)
         stopping.push_async_callback(stop_task, listing, 10, "the start-up listing")
         stopping.push_async_callback(release_lease)
         if reclaiming is not None:
