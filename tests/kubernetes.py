@@ -58,7 +58,8 @@ WIDGET_CRD: dict[str, Any] = {
     "spec": {
         "group": "test.kubearq.dev",
         "scope": "Namespaced",
-        "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "shortNames": ["wdg"]},
+        "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "shortNames": ["wdg"],
+                  "categories": ["widgetry"]},
         "versions": [{
             "name": "v1alpha1", "served": True, "storage": True,
             "subresources": {"status": {}},

@@ -464,7 +464,14 @@ async def test_discovery_serves_custom_resources_with_status_subresource(raw: ht
     by_name = {resource['name']: resource for resource in resources['resources']}
     assert by_name['widgets']['kind'] == 'Widget'
     assert by_name['widgets']['namespaced'] is True
-    assert 'widgets/status' in by_name
+    assert (by_name['widgets']['shortNames'], by_name['widgets']['categories']) == (['wdg'], ['widgetry'])
+    # A subresource has neither short names nor categories (kubectl's `get <category>` would try to list it)
+    # and takes only get, patch and update, as kube-apiserver says.
+    status = by_name['widgets/status']
+    assert (status['kind'], status['namespaced'], sorted(status['verbs'])) == ('Widget', True,
+                                                                            ['get', 'patch', 'update'])
+    assert not status.get('shortNames')
+    assert not status.get('categories')
 
 
 async def test_request_without_credentials_is_unauthorized(k8s_widgets: KubernetesUnderTest) -> None:

@@ -43,11 +43,11 @@ def test_help_lists_every_subcommand() -> None:
         assert f"    {command} " in result.stdout
 
 
-def test_commands_not_built_yet_say_so_and_fail(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 2
-    assert capsys.readouterr().err == (
-        "kubearq demo: not built yet — the demo arrives in the next phase, with the Helm chart\n"
-    )
+def test_kubearq_demo_is_the_demo_with_its_own_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: kubearq demo [-h] [--short] [--keep-running]")
 
 
 def test_operator_without_credentials_says_where_it_looked() -> None:

@@ -26,7 +26,7 @@ import string
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiohttp.web
 import attrs
@@ -84,6 +84,15 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
         self.fallback[kmock.action.DELETE] << self._serve_delete
         for name in ('default', 'kube-system', 'kube-public', 'kube-node-lease'):
             self._create(NAMESPACES, None, {'metadata': {'name': name}})
+
+    async def _serve_version(self, request: Any) -> Any:
+        """Discovery of a group version, its subresources as kube-apiserver lists them: no short names or
+        categories (kubectl's `get <category>` would try to list `<plural>/status`), verbs get/patch/update."""
+        listing = cast(JsonDict, await super()._serve_version(request))
+        for entry in listing['resources']:
+            if '/' in entry['name']:
+                entry.update(shortNames=[], categories=[], verbs=['get', 'patch', 'update'])
+        return listing
 
     # Test hooks.
 
