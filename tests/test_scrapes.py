@@ -34,10 +34,8 @@ from kubearq.operator.conditions import ConditionStatus
 from kubearq.operator.context import FINALIZER, SCRAPE_REQUESTS, OperatorContext
 from kubearq.operator.leader import NotLeaderError
 from kubearq.operator.metrics import OperatorMetrics
-from kubearq.operator.scraperequest import PageCounts, Phase, ScrapeRequestStatus
-from kubearq.operator.scrapes import (
+from kubearq.operator.scrapedecisions import (
     CONFIG_MAPS,
-    CONFLICT_RETRY_SECONDS,
     Outcome,
     Progress,
     Reason,
@@ -50,9 +48,10 @@ from kubearq.operator.scrapes import (
     decide_phase,
     decide_status_write,
     parse_url_list,
-    reconcile_scrape_request,
     succeeded_condition,
 )
+from kubearq.operator.scraperequest import PageCounts, Phase, ScrapeRequestStatus
+from kubearq.operator.scrapes import CONFLICT_RETRY_SECONDS, reconcile_scrape_request
 from kubearq.operator.settings import OperatorSettings
 from tests.kubernetes import KubernetesUnderTest
 

@@ -16,7 +16,8 @@ from kubearq.operator import kube
 from kubearq.operator.context import NAMESPACES, QUEUE_POLICIES, SCRAPE_REQUESTS, SYNC_SCHEDULES
 from kubearq.operator.queuepolicy import QueuePolicySpec
 from kubearq.operator.schedules import reconcile_schedule
-from kubearq.operator.scrapes import StatusPacer, reconcile_scrape_request
+from kubearq.operator.scrapedecisions import StatusPacer
+from kubearq.operator.scrapes import reconcile_scrape_request
 from kubearq.operator.store import ResourceStore
 from kubearq.operator.tenancy import (
     Policy,
