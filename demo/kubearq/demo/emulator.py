@@ -13,12 +13,10 @@ on both.
 """
 
 import asyncio
-import base64
 import collections
 import contextlib
 import contextvars
 import copy
-import datetime
 import json
 import re
 import secrets
@@ -33,6 +31,7 @@ import attrs
 import jsonpatch
 import kmock
 
+from kubearq.demo import emulator_requests as wire
 from kubearq.demo.emulator_schema import CustomResourceSchema, invalid_message
 from kubearq.demo.emulator_selectors import Change, EventType, JsonDict, Selector, bad_request
 
@@ -45,8 +44,6 @@ OPTIMISTIC_LOCK = ('the object has been modified; '
 # A CR accepts no strategic merge patch: apiextensions-apiserver serves only these.
 CR_PATCH_TYPES = 'application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml'
 SYSTEM_FIELDS = ('uid', 'creationTimestamp', 'deletionTimestamp', 'deletionGracePeriodSeconds', 'generation')
-# ObjectMeta's lists and maps are `omitempty`: stored empty, they are not there at all.
-OMITTED_WHEN_EMPTY = ('labels', 'annotations', 'finalizers', 'ownerReferences')
 _NAMESPACE_URL = re.compile(r'/api/v1/namespaces(?:/(?P<name>[^/]+)(?:/(?P<subresource>status|finalize))?)?/?')
 _JSON_HEADERS = {'Content-Type': 'application/json'}
 _WARNINGS: contextvars.ContextVar[list[str]] = contextvars.ContextVar('warnings')  # the request's `Warning`s
@@ -160,7 +157,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
             params=dict(raw_request.query), headers=dict(raw_request.headers), cookies=dict(raw_request.cookies),
             body=body, text=body.decode(errors='replace'), data=data, resource=NAMESPACES,
             name=route['name'], subresource=route['subresource'],
-            action=_action(method, named=route['name'] is not None, watch=raw_request.query.get('watch') == 'true'))
+            action=wire.action(method, named=route['name'] is not None, watch=raw_request.query.get('watch') == 'true'))
         self._requests.append(request)
         try:
             return await self._handle(request)
@@ -168,7 +165,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
             return await self._render_error(e)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        if self.token is not None and _header(request, 'Authorization') != f'Bearer {self.token}':
+        if self.token is not None and wire.header(request, 'Authorization') != f'Bearer {self.token}':
             raise kmock.KubernetesError(401, 'Unauthorized', 'Unauthorized')
         return await super()._handle(request)
 
@@ -194,22 +191,22 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
         matching = [obj for obj in self._stored(resource) if selector.matches(obj)]
         revision, start = self._revision, ''
         if request.params.get('continue'):
-            revision, start = _decode_continue(request.params['continue'])
-        matching = [obj for obj in matching if _key(obj) > start]
-        limit = _int_param(request, 'limit') or len(matching)
+            revision, start = wire.decode_continue(request.params['continue'])
+        matching = [obj for obj in matching if wire.key(obj) > start]
+        limit = wire.int_param(request, 'limit') or len(matching)
         page, rest = matching[:limit], matching[limit:]
         metadata: JsonDict = {'resourceVersion': str(revision)}
         if rest:
-            metadata['continue'] = _encode_continue(revision, _key(page[-1]))
+            metadata['continue'] = wire.encode_continue(revision, wire.key(page[-1]))
             metadata['remainingItemCount'] = len(rest)
-        return {'apiVersion': _api_version(resource), 'kind': f'{info.kind}List',
+        return {'apiVersion': wire.api_version(resource), 'kind': f'{info.kind}List',
                 'metadata': metadata, 'items': page}
 
     def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         resource, _ = self._resource(request)
         selector = Selector.parse(request)
         since = request.params.get('resourceVersion', '')
-        timeout = _int_param(request, 'timeoutSeconds')
+        timeout = wire.int_param(request, 'timeoutSeconds')
         initial_events = request.params.get('sendInitialEvents') == 'true'
         if since not in ('', '0') and not since.isdigit():
             raise bad_request(f'invalid resource version "{since}"')
@@ -224,7 +221,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
                       if selector.matches(obj)]
             if initial_events and request.params.get('allowWatchBookmarks') == 'true':
                 replay.append({'type': 'BOOKMARK', 'object': {
-                    'kind': self.resources[resource].kind, 'apiVersion': _api_version(resource),
+                    'kind': self.resources[resource].kind, 'apiVersion': wire.api_version(resource),
                     'metadata': {'resourceVersion': str(self._revision),
                                  'annotations': {'k8s.io/initial-events-end': 'true'}}}})
         elif int(since) < self._kept_after:
@@ -232,7 +229,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
             gone = {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Failure',
                     'message': f'too old resource version: {since} ({self._kept_after})',
                     'reason': 'Expired', 'code': 410}
-            return _once({'type': 'ERROR', 'object': gone})
+            return wire.once({'type': 'ERROR', 'object': gone})
         else:
             replay = [event for change in self._history if change.revision > int(since)
                       if (event := selector.translate(change, resource)) is not None]
@@ -263,28 +260,28 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
 
     def _serve_create(self, request: kmock.Request) -> JsonDict:
         resource, info = self._resource(request, named=False)
-        body = self._decode(request, resource, info, _body(request))
-        return self._create(resource, self._namespace(request, info, _metadata(body)), body)
+        body = self._decode(request, resource, info, wire.body(request))
+        return self._create(resource, self._namespace(request, info, wire.metadata(body)), body)
 
     def _create(self, resource: kmock.resource, namespace: str | None, body: JsonDict) -> JsonDict:
         info = self.resources[resource]
-        metadata = _metadata(body)
+        metadata = wire.metadata(body)
         if metadata.get('resourceVersion'):
             raise kmock.KubernetesError(500, None,
                                         'resourceVersion should not be set on objects to be created')
         if not metadata.get('name'):
             if not metadata.get('generateName'):
-                raise _invalid(resource, info, '', 'metadata.name',
+                raise wire.invalid(resource, info, '', 'metadata.name',
                                'Required value: name or generateName is required')
             suffix = ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5))
             metadata['name'] = metadata['generateName'] + suffix
         name = metadata['name']
         if self._current(resource, namespace, name) is not None:
-            message = f'{_qualified(resource)} "{name}" already exists'
-            raise kmock.KubernetesError(409, 'AlreadyExists', message, _details(resource, name))
+            message = f'{wire.qualified(resource)} "{name}" already exists'
+            raise kmock.KubernetesError(409, 'AlreadyExists', message, wire.details(resource, name))
         for field in SYSTEM_FIELDS:
             metadata.pop(field, None)
-        metadata.update(uid=str(uuid.uuid4()), creationTimestamp=_now())
+        metadata.update(uid=str(uuid.uuid4()), creationTimestamp=wire.now())
         if namespace is not None:
             metadata['namespace'] = namespace
         if resource in self._custom:
@@ -293,8 +290,8 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
             body.pop('status', None)  # the main resource cannot set status
         if resource == NAMESPACES:
             body.update(spec={'finalizers': ['kubernetes']}, status={'phase': 'Active'})
-        body.update(apiVersion=_api_version(resource), kind=info.kind)
-        _omit_empty(metadata)
+        body.update(apiVersion=wire.api_version(resource), kind=info.kind)
+        wire.omit_empty(metadata)
         self._validate(resource, info, body, None)
         created = self._commit(resource, 'ADDED', body, previous=None)
         if resource == CRD_RESOURCE:
@@ -305,8 +302,8 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
         resource, info = self._resource(request, name_required=True)
         status_only = self._subresource(request, info)
         current = self._existing(resource, request.namespace, request.name)
-        candidate = self._decode(request, resource, info, _body(request))
-        _metadata(candidate).setdefault('name', request.name)
+        candidate = self._decode(request, resource, info, wire.body(request))
+        wire.metadata(candidate).setdefault('name', request.name)
         # For CRs, an update without resourceVersion is refused (AllowUnconditionalUpdate() is false).
         return self._update(resource, info, current, candidate, status_only=status_only,
                             unconditional=resource not in self._custom)
@@ -315,7 +312,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
         resource, info = self._resource(request, name_required=True)
         status_only = self._subresource(request, info)
         current = self._existing(resource, request.namespace, request.name)
-        content_type = (_header(request, 'Content-Type') or '').split(';')[0].strip()
+        content_type = (wire.header(request, 'Content-Type') or '').split(';')[0].strip()
         candidate: Any
         if content_type == 'application/apply-patch+yaml':
             raise kmock.KubernetesError(415, 'UnsupportedMediaType', 'server-side apply is not emulated')
@@ -329,7 +326,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
         elif content_type == 'application/merge-patch+json' or (
                 content_type == 'application/strategic-merge-patch+json' and resource not in self._custom):
             # Built-ins accept strategic merge; its list-merge keys are not emulated (plain merge).
-            candidate = _merge_patch(copy.deepcopy(current), _body(request))
+            candidate = wire.merge_patch(copy.deepcopy(current), wire.body(request))
         else:
             raise kmock.KubernetesError(415, 'UnsupportedMediaType', (
                 'the body of the request was in an unknown format - accepted media types include: '
@@ -340,7 +337,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
             raise bad_request('the patched object is not a JSON object')
         candidate = self._decode(request, resource, info, candidate, patched=True)
         # A patch is conditional only if it sets a resourceVersion itself.
-        if not _metadata(candidate).get('resourceVersion'):
+        if not wire.metadata(candidate).get('resourceVersion'):
             candidate['metadata']['resourceVersion'] = current['metadata']['resourceVersion']
         return self._update(resource, info, current, candidate, status_only=status_only, unconditional=True)
 
@@ -353,7 +350,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
             expected, actual = preconditions.get(field), current['metadata'][field]
             if expected is not None and expected != actual:
                 what = 'UID' if field == 'uid' else 'ResourceVersion'
-                raise _conflict(resource, current['metadata']['name'], f'Precondition failed: {what} in '
+                raise wire.conflict(resource, current['metadata']['name'], f'Precondition failed: {what} in '
                                 f'precondition: {expected}, {what} in object meta: {actual}')
         metadata = current['metadata']
         if metadata.get('finalizers'):
@@ -361,13 +358,13 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
                 return current
             # registry/generic/registry/store.go, markAsDeleting(): the generation moves too.
             marked = copy.deepcopy(current)
-            marked['metadata'].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
+            marked['metadata'].update(deletionTimestamp=wire.now(), deletionGracePeriodSeconds=0)
             if 'generation' in marked['metadata']:
                 marked['metadata']['generation'] += 1
             return self._commit(resource, 'MODIFIED', marked, previous=current)
         self._remove(resource, current)
         return {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success',
-                'details': {**_details(resource, metadata['name']), 'uid': metadata['uid']}}
+                'details': {**wire.details(resource, metadata['name']), 'uid': metadata['uid']}}
 
     # The semantics of writes.
 
@@ -379,7 +376,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
         if schema is None:
             return body
         if not patched:
-            _check_type(request, resource, info, body)
+            wire.check_type(request, resource, info, body)
         mode = request.params.get('fieldValidation', 'Warn')
         unknown = schema.unknown_fields(body)
         if unknown and mode == 'Strict':
@@ -411,7 +408,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
     def _update(self, resource: kmock.resource, info: kmock.ResourceInfo, current: JsonDict,
                 candidate: JsonDict, *, status_only: bool, unconditional: bool) -> JsonDict:
         name = current['metadata']['name']
-        metadata = _metadata(candidate)
+        metadata = wire.metadata(candidate)
         if metadata.get('name', name) != name:
             raise bad_request(f'the name of the object ({metadata["name"]}) does not match '
                                f'the name on the URL ({name})')
@@ -421,10 +418,10 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
                                'the request')
         given_version = metadata.get('resourceVersion') or ''
         if not given_version and not unconditional:
-            raise _invalid(resource, info, name, 'metadata.resourceVersion',
+            raise wire.invalid(resource, info, name, 'metadata.resourceVersion',
                            'Invalid value: 0: must be specified for an update', by_resource=True)
         if given_version and given_version != current['metadata']['resourceVersion']:
-            raise _conflict(resource, name, OPTIMISTIC_LOCK)
+            raise wire.conflict(resource, name, OPTIMISTIC_LOCK)
 
         if status_only:  # status_strategy.go: the old object with the new status, nothing else
             updated = copy.deepcopy(current)
@@ -435,7 +432,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
             updated = candidate
             uid = metadata.get('uid')
             if uid and uid != current['metadata']['uid']:
-                raise _invalid(resource, info, name, 'metadata.uid',
+                raise wire.invalid(resource, info, name, 'metadata.uid',
                                f'Invalid value: "{uid}": field is immutable')
             for field in SYSTEM_FIELDS:
                 metadata.pop(field, None)
@@ -453,14 +450,14 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
                 before = current['metadata'].get('finalizers', [])
                 added = [f for f in metadata.get('finalizers', []) if f not in before]
                 if added:
-                    raise _invalid(resource, info, name, 'metadata.finalizers', (
+                    raise wire.invalid(resource, info, name, 'metadata.finalizers', (
                         'Forbidden: no new finalizers can be added if the object is being deleted, '
                         f'found new finalizers []string{{{", ".join(json.dumps(f) for f in added)}}}'))
             # customresource strategy: any change outside metadata moves the generation.
-            if resource in self._custom and _without_metadata(updated) != _without_metadata(current):
+            if resource in self._custom and wire.without_metadata(updated) != wire.without_metadata(current):
                 metadata['generation'] = current['metadata']['generation'] + 1
 
-        _omit_empty(updated['metadata'])
+        wire.omit_empty(updated['metadata'])
         self._validate(resource, info, updated, current)
         if updated == current:
             return current  # etcd is not written when nothing changed: no new resourceVersion, no event
@@ -501,7 +498,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
     def _establish(self, crd: JsonDict) -> None:
         """Do what apiextensions' controllers do for a new CRD: serve it and report it Established."""
         self.register_crd(crd)
-        now = _now()
+        now = wire.now()
         established = copy.deepcopy(crd)
         established['status'] = {
             'acceptedNames': crd['spec']['names'],
@@ -556,7 +553,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
                                'the request')
         if self._current(NAMESPACES, None, request.namespace) is None:  # the NamespaceLifecycle admission
             raise kmock.KubernetesError(404, 'NotFound', f'namespaces "{request.namespace}" not found',
-                                        _details(NAMESPACES, request.namespace))
+                                        wire.details(NAMESPACES, request.namespace))
         return request.namespace
 
     def _current(self, resource: kmock.resource, namespace: str | None, name: str | None) -> JsonDict | None:
@@ -568,8 +565,8 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
     def _existing(self, resource: kmock.resource, namespace: str | None, name: str | None) -> JsonDict:
         current = self._current(resource, namespace, name)
         if current is None:
-            raise kmock.KubernetesError(404, 'NotFound', f'{_qualified(resource)} "{name}" not found',
-                                        _details(resource, name or ''))
+            raise kmock.KubernetesError(404, 'NotFound', f'{wire.qualified(resource)} "{name}" not found',
+                                        wire.details(resource, name or ''))
         return current
 
     def _stored(self, resource: kmock.resource) -> Iterator[JsonDict]:
@@ -578,138 +575,6 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
                       key=lambda key: (key[1] or '', key[2]))
         for key in keys:
             yield copy.deepcopy(self.objects[key].raw)
-
-
-def _action(method: kmock.method, *, named: bool, watch: bool) -> kmock.action | None:
-    """The Kubernetes verb of a request, as kmock guesses it (PUT is served by its method)."""
-    match method, named:
-        case kmock.method.GET, _:
-            return kmock.action.WATCH if watch else kmock.action.FETCH if named else kmock.action.LIST
-        case kmock.method.POST, False:
-            return kmock.action.CREATE
-        case kmock.method.PATCH, True:
-            return kmock.action.UPDATE
-        case kmock.method.DELETE, True:
-            return kmock.action.DELETE
-    return None
-
-
-def _check_type(request: kmock.Request, resource: kmock.resource, info: kmock.ResourceInfo,
-                body: JsonDict) -> None:
-    """A custom object must say what it is (built-in ones may leave it to the URL)."""
-    if not body.get('kind'):
-        raw = request.text
-        shown = raw if len(raw) <= 30 else f'{raw[:30]} ...'
-        raise bad_request(f"the object provided is unrecognized (must be of type {info.kind}): "
-                          f"Object 'Kind' is missing in '{raw}' ({shown})")
-    if body.get('apiVersion') != _api_version(resource):
-        raise bad_request(f'the API version in the data ({body.get("apiVersion", "")}) does not match the '
-                          f'expected API version ({_api_version(resource)})')
-
-
-def _omit_empty(metadata: JsonDict) -> None:
-    for key in OMITTED_WHEN_EMPTY:
-        if key in metadata and not metadata[key]:
-            del metadata[key]
-
-
-def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    merged = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = _merge_patch(merged.get(key), value)
-    return merged
-
-
-def _without_metadata(obj: Mapping[str, Any]) -> JsonDict:
-    return {key: value for key, value in obj.items() if key != 'metadata'}
-
-
-def _body(request: kmock.Request) -> JsonDict:
-    if not isinstance(request.data, dict):
-        raise bad_request('the request body is not a JSON object')
-    return copy.deepcopy(request.data)
-
-
-def _metadata(obj: JsonDict) -> JsonDict:
-    metadata = obj.setdefault('metadata', {})
-    if not isinstance(metadata, dict):
-        raise bad_request('metadata must be a JSON object')
-    return metadata
-
-
-def _header(request: kmock.Request, name: str) -> str | None:
-    return next((value for key, value in request.headers.items() if key.lower() == name.lower()), None)
-
-
-def _int_param(request: kmock.Request, name: str) -> int | None:
-    text = request.params.get(name)
-    if text is None:
-        return None
-    if not text.isdigit():
-        raise bad_request(f'invalid {name}: {text!r}')
-    return int(text)
-
-
-def _encode_continue(revision: int, start: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({'rv': revision, 'start': start}).encode()).decode()
-
-
-def _decode_continue(token: str) -> tuple[int, str]:
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(token))
-        return int(decoded['rv']), str(decoded['start'])
-    except (ValueError, KeyError, TypeError) as e:
-        raise bad_request(f'continue key is not valid: {e}') from e
-
-
-def _key(obj: Mapping[str, Any]) -> str:
-    return f'{obj["metadata"].get("namespace", "")}/{obj["metadata"]["name"]}'
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
-
-
-def _api_version(resource: kmock.resource) -> str:
-    return f'{resource.group}/{resource.version}' if resource.group else str(resource.version)
-
-
-def _qualified(resource: kmock.resource) -> str:
-    return f'{resource.plural}.{resource.group}' if resource.group else str(resource.plural)
-
-
-def _details(resource: kmock.resource, name: str) -> JsonDict:
-    details: JsonDict = {'name': name, 'kind': resource.plural}  # sic: kind is the plural here
-    if resource.group:
-        details['group'] = resource.group
-    return details
-
-
-def _conflict(resource: kmock.resource, name: str, why: str) -> kmock.KubernetesError:
-    return kmock.KubernetesError(409, 'Conflict', f'Operation cannot be fulfilled on {_qualified(resource)} '
-                                                  f'"{name}": {why}', _details(resource, name))
-
-
-def _invalid(resource: kmock.resource, info: kmock.ResourceInfo, name: str, field: str,
-             problem: str, *, by_resource: bool = False) -> kmock.KubernetesError:
-    """422 Invalid; the generic registry's own checks (`by_resource`) name the resource, not the kind."""
-    kind = str(info.kind) if not by_resource else str(resource.plural)
-    qualified = _qualified(resource) if by_resource else f'{kind}.{resource.group}' if resource.group else kind
-    reason = {'Invalid': 'FieldValueInvalid', 'Required': 'FieldValueRequired',
-              'Forbidden': 'FieldValueForbidden'}[problem.split(' ')[0].rstrip(':')]
-    details = {'name': name, 'group': resource.group, 'kind': kind,
-               'causes': [{'reason': reason, 'message': problem, 'field': field}]}
-    return kmock.KubernetesError(422, 'Invalid', f'{qualified} "{name}" is invalid: {field}: {problem}', details)
-
-
-async def _once(event: JsonDict) -> AsyncIterator[Any]:
-    yield event
 
 
 # Running it.
