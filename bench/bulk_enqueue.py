@@ -21,7 +21,7 @@ from kubearq.core.connections import create_redis
 from kubearq.core.contract import RequestRef, ScrapeSettings, progress_key, request_jobs_key
 from kubearq.core.queueing import Tally, enqueue_many
 from kubearq.demo.services import RedisServer
-from kubearq.operator.scrapes import build_listing_jobs
+from kubearq.operator.scrapedecisions import build_listing_jobs
 
 TARGET_RATIO = 5.0
 QUEUE = "arq:queue"
