@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from kubearq.commands import groups as command_groups
 from kubearq.core.flags import add_flags, flag_values, settings_table
 from kubearq.core.observability import LOG_FORMATS, LOG_LEVELS, configure_logging
 from kubearq.operator.crds import write_crds
@@ -108,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("-o", "--output", choices=("text", "json"), default="text", help="text (default) or json")
     # Listed here; its flags are the demo's own (`main` hands it the rest of the line).
     commands.add_parser("demo", help="run kubearq on embedded defaults and show it working (about 1.5 min)")
+    for group in command_groups():  # schedule, scrape, queue, jobs: each sets its own `handler`
+        group.register(commands)
     return parser
 
 
@@ -346,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.readme.write_text(text, encoding="utf-8")
             print(args.readme)
         return 0
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        return int(handler(args))
     commands = {"validate": run_validate, "worker": run_worker, "operator": run_operator, "enqueue": run_enqueue,
                 "connections": run_connections}
     return commands[args.command](args)
