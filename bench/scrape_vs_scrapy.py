@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import multiprocessing
 import subprocess
@@ -23,12 +24,13 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiohttp import web
+from bench.events_site import serve_site
 
 from kubearq.core.connections import create_redis
 from kubearq.core.contract import (
@@ -49,31 +51,6 @@ from kubearq.worker.builtins import builtin_jobs
 from kubearq.worker.main import WorkerService
 from kubearq.worker.scrape.jobs import NetworkHooks
 from kubearq.worker.settings import WorkerSettings
-
-
-def serve_site(port: int, listings: int, details: int) -> None:
-    """The local website, alone in a child process: it must not share a GIL with either scraper."""
-
-    async def listing(request: web.Request) -> web.Response:
-        page = int(request.match_info["page"])
-        links = "".join(f'<a class="event" href="/events/{page}-{n}">event {n}</a>' for n in range(details))
-        return web.Response(text=f"<html><body>{links}</body></html>", content_type="text/html")
-
-    async def detail(request: web.Request) -> web.Response:
-        event = {"@context": "https://schema.org", "@type": "MusicEvent", "name": request.match_info["id"],
-                 "startDate": "2026-06-01T20:00"}
-        script = f'<script type="application/ld+json">{json.dumps(event)}</script>'
-        body = f"<html><head>{script}</head><body>x</body></html>"
-        return web.Response(text=body, content_type="text/html")
-
-    async def robots(_: web.Request) -> web.Response:
-        return web.Response(text="User-agent: *\nAllow: /\n")
-
-    app = web.Application()
-    app.router.add_get("/list/{page}", listing)
-    app.router.add_get("/events/{id}", detail)
-    app.router.add_get("/robots.txt", robots)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 async def run_kubearq(site: str, port: int, listings: int, concurrency: int, redis_url: str, dsn: str) -> float:
@@ -165,29 +142,58 @@ async def wait_for_port(port: int) -> None:
     raise RuntimeError(f"the site did not come up on port {port}")
 
 
+def scrapy_installed() -> bool:
+    return importlib.util.find_spec("scrapy") is not None
+
+
+@dataclass(frozen=True)
+class ScrapeRun:
+    """Pages/s of both scrapers on the same site; `scrapy` is None when Scrapy is not installed."""
+
+    listings: int
+    details: int
+    concurrency: int
+    kubearq: float
+    scrapy: float | None
+
+    @property
+    def pages(self) -> int:
+        return self.listings * (1 + self.details)
+
+
+async def measure(listings: int, details: int, concurrency: int, redis_url: str, dsn: str) -> ScrapeRun:
+    """Serve the site, run kubearq on it (Redis at `redis_url` is flushed; `dsn` an empty database), then Scrapy."""
+    port = free_port()
+    server = multiprocessing.get_context("spawn").Process(target=serve_site, args=(port, listings, details),
+                                                          daemon=True)
+    server.start()
+    site = f"http://127.0.0.1:{port}"
+    try:
+        await wait_for_port(port)
+        ours = await run_kubearq(site, port, listings, concurrency, redis_url, dsn)
+        theirs = await asyncio.to_thread(run_scrapy, site, listings, concurrency) if scrapy_installed() else None
+    finally:
+        server.kill()
+        server.join()
+    return ScrapeRun(listings, details, concurrency, ours, theirs)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listings", type=int, default=10)
     parser.add_argument("--details", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    port = free_port()
-    server = multiprocessing.get_context("spawn").Process(target=serve_site, args=(port, args.listings, args.details),
-                                                          daemon=True)
-    server.start()
-    site = f"http://127.0.0.1:{port}"
-    await wait_for_port(port)
-    try:
-        with RedisServer() as redis_server, PostgresServer() as postgres:
-            dsn = postgres.create_database("bench")
-            ours = await run_kubearq(site, port, args.listings, args.concurrency, redis_server.url, dsn)
-        theirs = run_scrapy(site, args.listings, args.concurrency)
-    finally:
-        server.kill()
-    pages = args.listings * (1 + args.details)
-    print(f"site: {args.listings} listing + {args.listings * args.details} detail pages = {pages}, "
+    with RedisServer() as redis_server, PostgresServer() as postgres:
+        result = await measure(args.listings, args.details, args.concurrency, redis_server.url,
+                               postgres.create_database("bench"))
+    print(f"site: {args.listings} listing + {args.listings * args.details} detail pages = {result.pages}, "
           f"concurrency {args.concurrency}")
-    print(f"kubearq {ours:7.1f} pages/s   scrapy {theirs:7.1f} pages/s   ratio {ours / theirs:.2f} (target >= 1)")
+    if result.scrapy is None:
+        print(f"kubearq {result.kubearq:7.1f} pages/s   scrapy: not installed (pip install -e '.[bench]')")
+    else:
+        print(f"kubearq {result.kubearq:7.1f} pages/s   scrapy {result.scrapy:7.1f} pages/s   "
+              f"ratio {result.kubearq / result.scrapy:.2f} (target >= 1)")
 
 
 if __name__ == "__main__":
