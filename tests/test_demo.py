@@ -15,17 +15,28 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 import yaml
 from protego import Protego
 
-from kubearq.demo.plan import audit_ticks, failover_tick, minute_boundaries, pages_per_minute, scrape_rate
+from kubearq.demo.plan import (
+    audit_sync,
+    audit_ticks,
+    failover_tick,
+    minute_boundaries,
+    pages_per_minute,
+    scrape_rate,
+    ticks_due,
+)
 from kubearq.demo.processes import children, pid_gone
-from kubearq.demo.resources import scrape_request, sync_schedule
+from kubearq.demo.resources import compaction_schedule, realtime_sync_schedule, scrape_request, sync_schedule
 from kubearq.demo.site import EventSite, SiteLayout
+from kubearq.demo.syncing import ADVERTISERS, backfilled_quarter_hours, connection_options
 from kubearq.worker.scrape.extract import extract_json_ld
+from kubearq.worker.sync.admin import check_new_connection
 from tests.crd_rules import REPO
 
 SHORT_RUN_TIMEOUT = 120.0
@@ -89,6 +100,65 @@ def test_the_demo_resources_are_the_examples_adapted_to_the_local_site() -> None
     assert minutely["schedule"] == "* * * * *"  # type: ignore[index]
     for kept in ("timeZone", "concurrencyPolicy"):
         assert minutely[kept] == schedule["spec"][kept]  # type: ignore[index]
+
+
+def test_a_tick_counts_as_due_once_settled_or_once_the_status_lists_it() -> None:
+    created = T + timedelta(seconds=30)
+    settled = timedelta(seconds=3)
+    assert ticks_due(created, T + timedelta(minutes=2, seconds=2), [], settled=settled) == [T + timedelta(minutes=1)]
+    listed = [T + timedelta(minutes=2)]
+    assert ticks_due(created, T + timedelta(minutes=2, seconds=1), listed, settled=settled) == [
+        T + timedelta(minutes=1), T + timedelta(minutes=2)]
+
+
+def test_the_sync_audit_wants_every_connection_synced_after_the_first_tick() -> None:
+    tick = T + timedelta(minutes=1)
+    synced = audit_sync(tick, {"acme": tick + timedelta(seconds=4), "globex": tick + timedelta(seconds=5)})
+    assert synced.ok
+    assert synced.verdict() == "each of the 2 connections synced after the 12:01:00 tick, no sync job failed"
+    late = audit_sync(tick, {"acme": tick + timedelta(seconds=4), "globex": None, "initech": T},
+                      ["1 sync_connection job(s) failed (kubearq_worker_jobs_failed_total)"])
+    assert late.unsynced == ("globex", "initech")
+    assert not late.ok
+    assert late.verdict() == ("sync wrong — not synced after the 12:01:00 tick: globex, initech; 1 sync_connection "
+                              "job(s) failed (kubearq_worker_jobs_failed_total)")
+
+
+def test_without_a_tick_the_sync_audit_says_so_instead_of_failing() -> None:
+    audit = audit_sync(None, {"acme": None, "globex": None})
+    assert audit.ok
+    assert audit.verdict().startswith("no tick of the sync fell due in this run")
+    assert not audit_sync(None, {"acme": None}, ["SyncSchedule sync-realtime's 12:01:00 run Failed"]).ok
+
+
+def test_the_demo_connections_pass_the_checks_of_kubearq_connections_add() -> None:
+    for advertiser in ADVERTISERS:
+        options = connection_options(advertiser, "http://127.0.0.1:8001")
+        del options["name"]
+        check_new_connection(**options)  # raises AdminError naming the option that is wrong
+
+
+def test_every_backfilled_day_of_the_demo_accounts_is_96_quarter_hours_of_whole_hours() -> None:
+    # whole-hour offsets without daylight saving: a day is 96 quarter hours, every hour compaction rolls up is whole
+    for advertiser in ADVERTISERS:
+        zone = ZoneInfo(advertiser.time_zone)
+        offsets = {datetime(2026, month, 1, tzinfo=zone).utcoffset() or timedelta(0) for month in (1, 7)}
+        assert len(offsets) == 1, advertiser
+        assert offsets.pop() % timedelta(hours=1) == timedelta(0), advertiser
+    assert backfilled_quarter_hours(ADVERTISERS) == (2 + 4 + 1) * 90 * 96 == 60480
+
+
+def test_the_demo_sync_schedules_are_the_examples_every_minute() -> None:
+    for made, example in ((realtime_sync_schedule(), "syncschedule-realtime.yaml"),
+                          (compaction_schedule(), "syncschedule-compaction.yaml")):
+        wanted = yaml.safe_load((REPO / "manifests/examples" / example).read_text())
+        spec = made["spec"]
+        assert made["metadata"] == wanted["metadata"]
+        assert spec["schedule"] == "* * * * *"  # type: ignore[index]
+        assert "jitterSeconds" not in spec  # type: ignore[operator]
+        for kept in ("timeZone", "concurrencyPolicy"):
+            assert spec[kept] == wanted["spec"][kept]  # type: ignore[index]
+        assert spec["job"] == wanted["spec"]["job"]  # type: ignore[index]
 
 
 async def test_the_event_site_serves_events_of_every_json_ld_shape_a_404_a_503_and_robots_rules() -> None:
@@ -203,9 +273,30 @@ def test_a_short_run_piped_prints_plain_lines_and_a_true_summary_and_leaves_noth
     assert "Failed URLs (2, table scrape_failures):" in summary
     assert re.search(r"/events/1004-late-laughs \(detail page, 1 try\): .*answered HTTP 404", summary)
     assert re.search(r"/events/1007-natural-wine-tasting \(detail page, 1 try\): .*robots\.txt disallows it", summary)
-    assert re.search(r"Jobs run: \d+ \(scrape_detail 16, scrape_listing 2", summary)
+    assert re.search(r"Jobs run: \d+ \(scrape_detail 16, (sync_connection 3, )?scrape_listing 2", summary), summary
     assert re.search(r"Ticks fired: [01]", summary)
     assert re.search(r"none doubled, none lost|no tick fell due in this run", summary)
+    synced = re.search(r"Connections synced: ([03]) of 3 \(table connections", summary)
+    assert synced is not None, summary
+    if synced[1] == "0":  # no minute boundary fell in the run
+        assert "Sync ticks fired: sync-realtime none; compact-snapshots none" in summary
+        assert "Metric rows stored: 0 in metric_snapshots (0 of 15 minutes, 0 hourly): 0 quarter hours of 7 ads" \
+            in summary
+        assert "Sync jobs run: 0, 0 failed" in summary
+        assert "no tick of the sync fell due in this run (ticks come at minute boundaries)" in summary
+    else:  # one boundary at most: the connections' first syncs, their 90-day backfills
+        assert re.search(r"Sync ticks fired: sync-realtime [\d:]+ by operator-[ab] [+-][\d.]+ s Succeeded; "
+                         r"compact-snapshots [\d:]+ by operator-[ab] [+-][\d.]+ s Succeeded", summary), summary
+        assert re.search(r"acme \(1 sync, the last at [\d:]+: its backfill\), globex \(1 sync, .*its backfill\), "
+                         r"initech \(1 sync, .*its backfill\)", summary), summary
+        # compaction may have rolled some up already: 4 quarter hours to an hourly row, none lost
+        assert re.search(r"Metric rows stored: \d+ in metric_snapshots \(\d+ of 15 minutes, \d+ hourly\): 60480 "
+                         r"quarter hours of 7 ads", summary), summary
+        assert "Sync jobs run: 5 (sync_connections 1, sync_connection 3, compact_snapshots 1), 0 failed" in summary
+        assert re.search(r"each of the 3 connections synced after the [\d:]+ tick, no sync job failed", summary)
+    secrets_dir = re.search(r"tokens in SYNC_SECRETS_DIR (\S+)", output)
+    assert secrets_dir is not None
+    assert not Path(secrets_dir[1]).exists()  # the tokens go with the demo
     failover = re.search(r"Failover: (operator-[ab]) SIGKILLed at [\d:]+; (operator-[ab]) took the Lease "
                          r"(\d+\.\d) s later", summary)
     assert failover is not None, summary

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -98,16 +98,16 @@ class DemoCluster:
             return ",".join(sorted(str(entry["name"]) for entry in entries if "/" not in str(entry.get("name"))))
         return "kubearq"
 
-    async def clean_up(self, names: Mapping[str, str], *, within: float = 20.0) -> None:
-        """On a real cluster: delete the demo's resources (the running leader removes the ScrapeRequest's
-        finalizer), then its namespace. The emulator goes away with the demo, and all it holds."""
+    async def clean_up(self, names: Sequence[tuple[str, str]], *, within: float = 20.0) -> None:
+        """On a real cluster: delete the demo's resources, as (kind, name) (the running leader removes the
+        ScrapeRequest's finalizer), then its namespace. The emulator goes away with the demo, and all it holds."""
         if self.emulated:
             return
         resources = {"ScrapeRequest": SCRAPE_REQUESTS, "SyncSchedule": SYNC_SCHEDULES}
-        for kind, name in names.items():
+        for kind, name in names:
             with contextlib.suppress(kube.NotFoundError):
                 await self.api.delete(resources[kind], name, namespace=self.namespace, timeout=API_TIMEOUT)
-        for kind, name in names.items():
+        for kind, name in names:
 
             async def gone(kind: str = kind, name: str = name) -> bool:
                 return await self.get(resources[kind], name) is None

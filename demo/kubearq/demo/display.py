@@ -14,7 +14,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from kubearq.demo.state import DemoState, QueueView, ReplicaView, ScrapeView, TickView, clock
+from kubearq.demo.state import ConnectionView, DemoState, QueueView, ReplicaView, ScrapeView, TickView, clock
 
 TIMELINE_SHOWN = 9
 STATUS_EVERY = 5.0
@@ -158,6 +158,15 @@ def tick_outcome_line(tick: TickView) -> str:
     return f"tick {clock(tick.scheduled)} {tick.outcome}{ran}{counted}"
 
 
+def connection_line(connection: ConnectionView) -> str:
+    if connection.status == "error" and connection.error:
+        return f"connection {connection.name}: sync failed: {connection.error}"
+    what = "its 90-day backfill" if connection.last_was_backfill else "realtime: today so far"
+    synced = clock(connection.last_synced) if connection.last_synced else "?"
+    return (f"connection {connection.name} synced at {synced} ({what}): {connection.rows} rows in metric_snapshots "
+            f"({connection.quarter_hour_rows} of 15 minutes, {connection.hourly_rows} hourly)")
+
+
 def render(state: DemoState) -> RenderableType:
     minutes, seconds = divmod(int(state.elapsed), 60)
     header = Text.assemble((state.title, "bold"), f"  {minutes:02d}:{seconds:02d}  ", (state.stage, "italic"))
@@ -169,6 +178,7 @@ def render(state: DemoState) -> RenderableType:
     if (failover := _failover_line(state)) is not None:
         parts.append(failover)
     parts.append(_ticks_table(state))
+    parts.append(_sync_table(state))
     timeline = Table.grid(padding=(0, 1))
     timeline.add_column(style="dim", no_wrap=True)
     timeline.add_column()
@@ -255,6 +265,24 @@ def _ticks_table(state: DemoState) -> RenderableType:
     if not state.ticks:
         table.add_row(Text("no tick yet", style="dim"), "", "", "", "", "")
     return Group(table, Text("  ".join(upcoming), style="dim")) if upcoming else table
+
+
+def _sync_table(state: DemoState) -> RenderableType:
+    latest = [f"{name} {clock(runs[-1].scheduled)} {runs[-1].outcome}"
+              for name, runs in state.sync_ticks.items() if runs]
+    heading = Text.assemble(("Sync ", "bold"), ("  ".join(latest) if latest else "no tick of the sync yet", "dim"))
+    table = Table(box=None, padding=(0, 2), show_edge=False, header_style="bold")
+    for title in ("Connection", "provider", "time zone", "status", "last synced", "syncs", "15-min rows",
+                  "hourly rows"):
+        table.add_column(title, no_wrap=True, justify="right" if title.endswith(("rows", "syncs")) else "left")
+    for connection in state.connections:
+        style = {"error": "red", "syncing": "cyan"}.get(connection.status, "green" if connection.syncs else "")
+        last = clock(connection.last_synced) if connection.last_synced else "never"
+        if connection.last_was_backfill:
+            last += " (backfill)"
+        table.add_row(connection.name, connection.provider, connection.time_zone, Text(connection.status, style),
+                      last, str(connection.syncs), str(connection.quarter_hour_rows), str(connection.hourly_rows))
+    return Group(heading, table)
 
 
 def _rate(rate: float | None) -> str:

@@ -28,9 +28,11 @@ from kubearq.demo.stack import StackError
 from kubearq.demo.summary import Summary, summarize
 from kubearq.operator.kube import ApiError
 from kubearq.operator.login import NoKubernetesCredentials
+from kubearq.worker.storage import StorageError
+from kubearq.worker.sync.admin import AdminError
 
 EXPECTED_FAILURES = (DemoError, StackError, ServiceError, NoKubernetesCredentials, ApiError, OSError, httpx.HTTPError,
-                     RedisError, asyncpg.PostgresError)
+                     RedisError, asyncpg.PostgresError, StorageError, AdminError)
 """What a broken machine, cluster or kubearq makes the demo fail with: said in one line."""
 STOPPED_CODES = {"SIGHUP": 129, "SIGINT": 130, "SIGTERM": 143}
 STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
@@ -40,10 +42,11 @@ STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubearq demo",
-        description="Run kubearq on embedded defaults: private Redis and PostgreSQL, a local event website, the "
-                    "Kubernetes API (the cluster of $KUBECONFIG, else an emulator in this process), two operator "
-                    "replicas and two workers. Scrapes the site under a rate limit while a schedule ticks every "
-                    "minute, SIGKILLs the leading operator, and shows the standby take over. About 1.5 minutes.")
+        description="Run kubearq on embedded defaults: private Redis and PostgreSQL, a local event website and ad "
+                    "platform, the Kubernetes API (the cluster of $KUBECONFIG, else an emulator in this process), two "
+                    "operator replicas and two workers. Scrapes the site under a rate limit while schedules tick "
+                    "every minute (a digest, the sync of three ad-platform connections, compaction), SIGKILLs the "
+                    "leading operator, and shows the standby take over. About 1.5 minutes.")
     parser.add_argument("--short", action="store_true",
                         help="a smaller site and an earlier failover: about 30 s (a tick shows only when a minute "
                              "boundary falls in it)")
@@ -156,6 +159,8 @@ def print_access(console: Console, demo: Demo, running: Running, kubectl_target:
         f"  Redis          {running.redis_url}",
         f"  PostgreSQL     {running.database_url}",
         f"  event website  {running.site.listing_urls[0]}",
+        f"  ad platform    {running.ad_platform.base_url}",
+        f"  connections    DATABASE_URL={running.database_url} kubearq connections list",
         f"  logs           {demo.folder}",
     ]
     for line in lines:

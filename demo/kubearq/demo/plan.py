@@ -1,5 +1,5 @@
-"""The demo's timeline and its verdicts, as pure functions: when to kill the leader, how fast to scrape, and
-whether every tick was enqueued and run exactly once.
+"""The demo's timeline and its verdicts, as pure functions: when to kill the leader, how fast to scrape, whether
+every tick was enqueued and run exactly once, and whether every connection was synced.
 
 Cron has minute granularity, so the failover is timed to a minute boundary: the leader is killed a few seconds
 before it, the tick falls in the leaderless gap, and the standby, once it holds the Lease, enqueues it late
@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
+from kubearq.demo.state import clock
 
 MINUTE = timedelta(minutes=1)
 KILL_LEAD = timedelta(seconds=3)
@@ -30,6 +32,13 @@ def minute_boundaries(after: datetime, until: datetime) -> list[datetime]:
     first = after.replace(second=0, microsecond=0) + MINUTE
     count = max(0, math.floor((until - first) / MINUTE) + 1)
     return [first + n * MINUTE for n in range(count)]
+
+
+def ticks_due(created: datetime, now: datetime, seen: Iterable[datetime], *, settled: timedelta) -> list[datetime]:
+    """The ticks of a `* * * * *` schedule created at `created` that count as due at `now`: those `settled` ago or
+    more (they must have run), and the newer ones its status already lists."""
+    listed = set(seen)
+    return [tick for tick in minute_boundaries(created, now) if tick <= now - settled or tick in listed]
 
 
 def failover_tick(earliest_kill: datetime, latest_end: datetime, *, lead: timedelta = KILL_LEAD,
@@ -93,3 +102,39 @@ class TickAudit:
 
 def audit_ticks(expected_ids: Iterable[str], enqueued_ids: Iterable[str], ran_ids: Iterable[str]) -> TickAudit:
     return TickAudit(tuple(expected_ids), Counter(enqueued_ids), Counter(ran_ids))
+
+
+@dataclass(frozen=True)
+class SyncAudit:
+    """The connections (name: when last synced) set against the first tick of the realtime sync that fell due: each
+    synced since, and no sync job failed (`failures` says which did, and how)."""
+
+    first_tick: datetime | None
+    last_synced: Mapping[str, datetime | None]
+    failures: tuple[str, ...] = ()
+    unsynced: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        first = self.first_tick
+        object.__setattr__(self, "unsynced", () if first is None else tuple(
+            name for name, synced in self.last_synced.items() if synced is None or synced < first))
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unsynced or self.failures)
+
+    def verdict(self) -> str:
+        if self.ok and self.first_tick is None:
+            return "no tick of the sync fell due in this run (ticks come at minute boundaries): nothing synced yet"
+        if self.ok and self.first_tick is not None:
+            return (f"each of the {len(self.last_synced)} connections synced after the {clock(self.first_tick)} tick, "
+                    "no sync job failed")
+        parts = list(self.failures)
+        if self.unsynced and self.first_tick is not None:
+            parts.insert(0, f"not synced after the {clock(self.first_tick)} tick: {', '.join(self.unsynced)}")
+        return "sync wrong — " + "; ".join(parts)
+
+
+def audit_sync(first_tick: datetime | None, last_synced: Mapping[str, datetime | None],
+               failures: Iterable[str] = ()) -> SyncAudit:
+    return SyncAudit(first_tick, dict(last_synced), tuple(failures))

@@ -1,6 +1,7 @@
-"""The demo's story: start everything, scrape the local site under a rate limit while a minute schedule ticks,
-SIGKILL the leading operator just before a tick, watch the standby take the Lease and catch the tick up, then
-read the results back and stop everything.
+"""The demo's story: start everything, scrape the local site under a rate limit while minute schedules tick (a
+digest of the events, the sync of three ad-platform connections, compaction), SIGKILL the leading operator just
+before a tick, watch the standby take the Lease and catch the tick up, then read the results back and stop
+everything.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -20,23 +22,46 @@ import httpx
 from redis.asyncio import Redis
 
 from kubearq.core.connections import create_redis
+from kubearq.demo.adplatform import AdPlatform
 from kubearq.demo.cluster import DemoCluster, connected_cluster
-from kubearq.demo.display import View, scrape_line, tick_enqueued_line, tick_outcome_line
+from kubearq.demo.display import View, connection_line, scrape_line, tick_enqueued_line, tick_outcome_line
 from kubearq.demo.jobs import DIGEST_FUNCTION
 from kubearq.demo.observe import LedgerEntry, LogFollower, counter_by_function, queue_view, read_ledger, scrape_metrics
 from kubearq.demo.plan import (
     KILL_LEAD,
     SCRAPE_PAST_TICK,
+    audit_sync,
     failover_tick,
     minute_boundaries,
     pages_per_minute,
     scrape_rate,
+    ticks_due,
 )
 from kubearq.demo.processes import free_port
-from kubearq.demo.resources import SCHEDULE_NAME, SCRAPE_NAME, scrape_request, sync_schedule
+from kubearq.demo.resources import (
+    COMPACTION_NAME,
+    REALTIME_SYNC_NAME,
+    SCHEDULE_NAME,
+    SCRAPE_NAME,
+    SYNC_SCHEDULE_NAMES,
+    compaction_schedule,
+    realtime_sync_schedule,
+    scrape_request,
+    sync_schedule,
+)
 from kubearq.demo.site import EventSite, SiteLayout
 from kubearq.demo.stack import Stack
-from kubearq.demo.state import DemoState, Failover, ReplicaView, ScrapeView, TickView, clock, parse_time
+from kubearq.demo.state import (
+    ConnectionView,
+    DemoState,
+    Failover,
+    ReplicaView,
+    ScrapeView,
+    TickView,
+    clock,
+    parse_time,
+)
+from kubearq.demo.syncing import ADVERTISERS, SECRET_NAME, SyncTables, add_connections, write_tokens
 from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES
 from kubearq.operator.kube import LEASES, ApiError, KubeObject, is_transient
 from kubearq.operator.scheduler import tick_job_id
@@ -55,6 +80,9 @@ API_PATIENCE = 15.0
 """Seconds of failing API reads (5xx, timeouts) the demo sits out before it gives up."""
 SETTLED_AFTER = timedelta(seconds=3)
 """A tick older than this must have been enqueued and run before the demo may end."""
+FINISHED = ("Succeeded", "Failed", "Aborted")
+SYNC_POLL = 1.0
+"""Seconds between reads of the sync tables."""
 
 
 class DemoError(Exception):
@@ -80,16 +108,28 @@ FULL = Profile(SiteLayout(listing_pages=6, per_page=20), budget=95, timeout=170,
 SHORT = Profile(SiteLayout(listing_pages=2, per_page=8), budget=40, timeout=90, earliest_kill=10, fallback_kill=10)
 
 
+@dataclass(frozen=True)
+class ScheduleRef:
+    uid: str
+    created: datetime
+
+
 @dataclass
 class Running:
     """Handles to what the demo started, for the summary and `--keep-running`."""
 
     cluster: DemoCluster
     site: EventSite
+    ad_platform: AdPlatform
+    sync_tables: SyncTables
+    secrets_dir: Path
+    """The workers' SYNC_SECRETS_DIR: the connections' tokens."""
     redis_url: str
     database_url: str
     schedule_uid: str = ""
     schedule_created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    sync_schedules: dict[str, ScheduleRef] = field(default_factory=dict)
+    """The sync family's SyncSchedules, by name."""
     rate_limit: int = 0
 
 
@@ -117,6 +157,10 @@ class Demo:
         self._api_failures = 0
         self.schedule_status: dict[str, Any] = {}
         """The SyncSchedule's status as last read."""
+        self.sync_status: dict[str, dict[str, Any]] = {}
+        """The sync SyncSchedules' status as last read, by name."""
+        self._last_sync_poll = 0.0
+        self._told_synced: dict[str, tuple[datetime | None, str | None]] = {}
         self._last_phase = ""
         self._last_worker_poll = 0.0
         self._serving: set[str] = set()
@@ -141,10 +185,15 @@ class Demo:
         """Start each part, registering how to stop it: in reverse order, whatever fails."""
         stack.push_async_callback(self.stack.stop_servers)  # last: nothing needs them any more
         stack.push_async_callback(self.http.aclose)
-        self.emit("starting Redis, PostgreSQL, the event website and the Kubernetes API")
+        self.emit("starting Redis, PostgreSQL, the event website, the ad platform and the Kubernetes API")
         servers = asyncio.ensure_future(self.stack.start_servers())
         try:
             site = await stack.enter_async_context(EventSite(self.profile.layout))
+            secrets_dir = Path(tempfile.mkdtemp(prefix="kubearq-demo-secrets-"))
+            stack.callback(shutil.rmtree, secrets_dir, ignore_errors=True)
+            tokens = write_tokens(secrets_dir, ADVERTISERS)
+            accounts = {advertiser.name: advertiser.account(tokens[advertiser.name]) for advertiser in ADVERTISERS}
+            platform = await stack.enter_async_context(AdPlatform(accounts))
             cluster = await stack.enter_async_context(connected_cluster(self.folder))
             redis_server, postgres = await servers
         except BaseException:
@@ -154,9 +203,17 @@ class Demo:
         database_url = await asyncio.to_thread(postgres.create_database, DATABASE)
         self.redis = create_redis(redis_server.url)
         stack.push_async_callback(self.redis.aclose)
-        self.running = Running(cluster, site, redis_server.url, database_url)
+        self.emit(f"Redis {redis_server.url}, PostgreSQL {postgres.dsn(DATABASE)}, event website {site.base_url}, "
+                  f"ad platform {platform.base_url}")
+        await add_connections(database_url, platform.base_url, ADVERTISERS)
+        sync_tables = await stack.enter_async_context(SyncTables(database_url))
+        first = ADVERTISERS[0]
+        added = ", ".join(f"{a.name} ({a.time_zone}, {a.ads} ad{'s' if a.ads != 1 else ''})" for a in ADVERTISERS)
+        self.emit(f"{len(ADVERTISERS)} connections added to the ad platform's accounts, as `kubearq connections add "
+                  f"--provider http-json --name {first.name} --credentials {SECRET_NAME}/{first.name} --config "
+                  f"'{{…}}'` does: {added}; their tokens in SYNC_SECRETS_DIR {secrets_dir}")
+        self.running = Running(cluster, site, platform, sync_tables, secrets_dir, redis_server.url, database_url)
         self.state.api = cluster.description
-        self.emit(f"Redis {redis_server.url}, PostgreSQL {postgres.dsn(DATABASE)}, event website {site.base_url}")
         self.emit(f"Kubernetes API: {cluster.description}")
         stack.push_async_callback(self.stack.stop_processes)  # before the API goes: operators release the Lease
         await cluster.install_crds()
@@ -211,7 +268,8 @@ class Demo:
             port = free_port()
             env = {**inherited, "REDIS_URL": running.redis_url, "DATABASE_URL": running.database_url,
                    "POD_NAME": name, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port),
-                   "SETTINGS": "kubearq.demo.jobs:WorkerSettings", "SHUTDOWN_GRACE": "5", "LOG_FORMAT": "text"}
+                   "SETTINGS": "kubearq.demo.jobs:WorkerSettings", "SHUTDOWN_GRACE": "5", "LOG_FORMAT": "text",
+                   "SYNC_SECRETS_DIR": str(running.secrets_dir)}
             self.stack.start(self.stack.add(name, "worker", [], env, port))
         self.state.replicas = [ReplicaView(p.name, p.role, "starting", p.pid) for p in self.stack.processes.values()]
         self.emit(f"started {len(OPERATORS)} operator replicas and {len(WORKERS)} workers "
@@ -224,6 +282,14 @@ class Demo:
         created = parse_time(schedule["metadata"].get("creationTimestamp")) or datetime.now(UTC)
         running.schedule_created = created
         self.emit(f"SyncSchedule {SCHEDULE_NAME}: `* * * * *` enqueues {DIGEST_FUNCTION}, startingDeadlineSeconds 30")
+        for body in (realtime_sync_schedule(), compaction_schedule()):
+            made = await cluster.create(SYNC_SCHEDULES, body)
+            running.sync_schedules[str(made["metadata"]["name"])] = ScheduleRef(
+                str(made["metadata"]["uid"]),
+                parse_time(made["metadata"].get("creationTimestamp")) or datetime.now(UTC))
+        self.emit(f"SyncSchedules {REALTIME_SYNC_NAME} and {COMPACTION_NAME}: `* * * * *` enqueue sync_connections "
+                  "realtime (a new connection gets its 90-day backfill first) and compact_snapshots (15-minute rows "
+                  "older than a day into hourly ones)")
         self._plan(created + timedelta(seconds=self.profile.earliest_kill),
                    created + timedelta(seconds=self.profile.fallback_kill))
         pages = self.profile.layout.listing_pages + self.profile.layout.events
@@ -256,9 +322,9 @@ class Demo:
         """Read everything once and update the state, telling what changed."""
         cluster = running.cluster
         try:
-            scrape, schedule, lease = await asyncio.gather(
+            scrape, schedule, lease, *synced = await asyncio.gather(
                 cluster.get(SCRAPE_REQUESTS, SCRAPE_NAME), cluster.get(SYNC_SCHEDULES, SCHEDULE_NAME),
-                cluster.get(LEASES, LEASE_NAME))
+                cluster.get(LEASES, LEASE_NAME), *(cluster.get(SYNC_SCHEDULES, name) for name in SYNC_SCHEDULE_NAMES))
         except (ApiError, httpx.TransportError, TimeoutError) as error:
             if not is_transient(error):
                 raise
@@ -278,6 +344,12 @@ class Demo:
             self._observe_scrape(ScrapeView.of(scrape, running.rate_limit))
         if schedule is not None:
             self._observe_schedule(schedule)
+        for name, sync in zip(SYNC_SCHEDULE_NAMES, synced, strict=True):
+            if sync is not None:
+                self._observe_sync_schedule(name, sync)
+        if time.time() - self._last_sync_poll >= SYNC_POLL:
+            self._last_sync_poll = time.time()
+            self._observe_connections(await running.sync_tables.connections())
         served = sum(count for kind, count in running.site.requests.items() if kind != "robots")
         now = time.time()
         self._site_samples = [*self._site_samples[-100:], (now, served)]
@@ -344,10 +416,8 @@ class Demo:
             self._last_phase = scrape.phase
             self.emit(scrape_line(scrape, self.state.pages_per_minute))
 
-    def _observe_schedule(self, schedule: KubeObject) -> None:
-        status = cast(dict[str, Any], schedule.get("status") or {})
-        self.schedule_status = status
-        self.state.next_tick = parse_time(status.get("nextScheduleTime"))
+    def _runs(self, status: dict[str, Any]) -> list[TickView]:
+        """A SyncSchedule's runs, from its status, with who enqueued each and (the digest's) where it ran."""
         enqueued_by = {job: name for name, follower in self.followers.items() for job in follower.enqueued}
         ran = {entry.job_id: entry for entry in self.ledger}
         ticks = []
@@ -361,6 +431,13 @@ class Demo:
                                   enqueued_by.get(job), entry.worker if entry else None,
                                   entry.events if entry else None))
         ticks.sort(key=lambda tick: tick.scheduled)
+        return ticks
+
+    def _observe_schedule(self, schedule: KubeObject) -> None:
+        status = cast(dict[str, Any], schedule.get("status") or {})
+        self.schedule_status = status
+        self.state.next_tick = parse_time(status.get("nextScheduleTime"))
+        ticks = self._runs(status)
         self.state.ticks = ticks
         for tick in ticks:
             told = self._seen_ticks.get(tick.job_id)
@@ -373,6 +450,28 @@ class Demo:
         if len({tick.job_id for tick in ticks}) != len(ticks) and not self._told_twice:
             self._told_twice = True  # a doubled tick: the audit at the end fails the demo, this says when
             self.emit(f"SyncSchedule {SCHEDULE_NAME}'s status lists a run twice: {[t.job_id for t in ticks]}")
+
+    def _observe_sync_schedule(self, name: str, schedule: KubeObject) -> None:
+        status = cast(dict[str, Any], schedule.get("status") or {})
+        self.sync_status[name] = status
+        runs = self._runs(status)
+        self.state.sync_ticks[name] = runs
+        for tick in runs:
+            told = self._seen_ticks.get(tick.job_id)
+            if told is None:
+                self.emit(f"{name}: {tick_enqueued_line(tick)}")
+            if told != tick.outcome:
+                self._seen_ticks[tick.job_id] = tick.outcome
+                if tick.outcome in ("Failed", "Aborted"):  # a success shows in the connections
+                    self.emit(f"{name}: {tick_outcome_line(tick)}")
+
+    def _observe_connections(self, connections: list[ConnectionView]) -> None:
+        self.state.connections = connections
+        for connection in connections:
+            now = (connection.last_synced, connection.error)
+            if self._told_synced.get(connection.name, (None, None)) != now:
+                self._told_synced[connection.name] = now
+                self.emit(connection_line(connection))
 
     # The failover.
 
@@ -420,7 +519,33 @@ class Demo:
                      if tick_job_id(running.schedule_uid, tick) not in self._succeeded()]
         if unsettled:
             return "the tick(s) of " + ", ".join(clock(tick) for tick in unsettled) + " to be enqueued and run"
+        return self._sync_waiting_for(running)
+
+    def _sync_waiting_for(self, running: Running) -> str:
+        now = datetime.now(UTC)
+        for name in running.sync_schedules:
+            runs = {tick.scheduled: tick for tick in self.state.sync_ticks.get(name, [])}
+            unfinished = [tick for tick in self.sync_ticks_due(running, name, now)
+                          if tick not in runs or runs[tick].outcome not in FINISHED]
+            if unfinished:
+                return (f"the tick(s) of {', '.join(clock(tick) for tick in unfinished)} of SyncSchedule {name} to be "
+                        "enqueued and run")
+        if len(self.state.connections) < len(ADVERTISERS):
+            return "the connections to be read from PostgreSQL"
+        first = next(iter(self.sync_ticks_due(running, REALTIME_SYNC_NAME, now)), None)
+        # A connection whose sync failed for good is not waited for: the summary says so.
+        audit = audit_sync(first, {c.name: c.last_synced for c in self.state.connections if c.status != "error"})
+        if audit.unsynced and first is not None:
+            return f"the connection(s) {', '.join(audit.unsynced)} to be synced after the {clock(first)} tick"
         return ""
+
+    def sync_ticks_due(self, running: Running, name: str, now: datetime) -> list[datetime]:
+        """The ticks of a sync SyncSchedule that count as due at `now`: settled, or already in its status."""
+        schedule = running.sync_schedules.get(name)
+        if schedule is None:
+            return []
+        listed = [tick.scheduled for tick in self.state.sync_ticks.get(name, [])]
+        return ticks_due(schedule.created, now, listed, settled=SETTLED_AFTER)
 
     def due_ticks(self, running: Running, *, settled: bool) -> list[datetime]:
         until = datetime.now(UTC) - (SETTLED_AFTER if settled else timedelta(0))
@@ -435,7 +560,8 @@ class Demo:
     async def _clean_up_cluster(self) -> None:
         if self.running is not None and not self.running.cluster.emulated:
             with contextlib.suppress(ApiError, TimeoutError, OSError):
-                await self.running.cluster.clean_up({"ScrapeRequest": SCRAPE_NAME, "SyncSchedule": SCHEDULE_NAME})
+                await self.running.cluster.clean_up([("ScrapeRequest", SCRAPE_NAME), ("SyncSchedule", SCHEDULE_NAME),
+                                                     *(("SyncSchedule", name) for name in SYNC_SCHEDULE_NAMES)])
 
     def emit(self, text: str) -> None:
         moment = time.time()
@@ -443,4 +569,4 @@ class Demo:
         self.view.event(self.state, moment, text)
 
 
-__all__ = ["FULL", "SHORT", "Demo", "DemoError", "Running"]
+__all__ = ["FULL", "SHORT", "Demo", "DemoError", "Running", "ScheduleRef"]

@@ -1,5 +1,5 @@
 """What the demo shows: one snapshot of the whole system, read from the resources' status, the Lease, the
-operators' /metrics, the website and the workers' ledger; and a timeline of what happened."""
+operators' /metrics, the website, the workers' ledger and the sync tables; and a timeline of what happened."""
 
 from __future__ import annotations
 
@@ -94,6 +94,37 @@ class TickView:
 
 
 @dataclass(frozen=True)
+class ConnectionView:
+    """A row of `connections` (what `kubearq connections list` shows) and its rows in `metric_snapshots`."""
+
+    name: str
+    provider: str
+    time_zone: str
+    status: str
+    """`sync_status`: syncing, idle or error."""
+    last_synced: datetime | None
+    syncs: int
+    """Syncs that succeeded."""
+    backfilled: datetime | None
+    error: str | None = None
+    quarter_hour_rows: int = 0
+    hourly_rows: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.quarter_hour_rows + self.hourly_rows
+
+    @property
+    def quarter_hours(self) -> int:
+        """The ads' quarter hours of metrics held, at either granularity: compaction rolls four into one hourly row."""
+        return self.quarter_hour_rows + 4 * self.hourly_rows
+
+    @property
+    def last_was_backfill(self) -> bool:
+        return self.last_synced is not None and self.backfilled == self.last_synced
+
+
+@dataclass(frozen=True)
 class QueueView:
     name: str = "arq:queue"
     ready: int | None = None
@@ -141,6 +172,9 @@ class DemoState:
     next_tick: datetime | None = None
     queue: QueueView = field(default_factory=QueueView)
     failover: Failover | None = None
+    connections: list[ConnectionView] = field(default_factory=list)
+    sync_ticks: dict[str, list[TickView]] = field(default_factory=dict)
+    """The sync SyncSchedules' runs, by schedule name."""
     planned_kill: datetime | None = None
     timeline: list[tuple[float, str]] = field(default_factory=list)
 
