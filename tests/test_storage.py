@@ -110,15 +110,16 @@ async def test_migrate_applies_each_version_once_and_rerunning_is_a_noop(
     postgres_dsn: str, db: asyncpg.Connection
 ) -> None:
     async with Storage(postgres_dsn, connect_timeout=30) as storage:
-        assert await storage.migrate() == [1, 2]
+        assert await storage.migrate() == [1, 2, 3]
         first = await db.fetch("SELECT version, name, applied_at FROM kubearq_schema_migrations ORDER BY version")
         assert await storage.migrate() == []
     again = await db.fetch("SELECT version, name, applied_at FROM kubearq_schema_migrations ORDER BY version")
-    assert [tuple(row)[:2] for row in first] == [(1, "0001_scrape"), (2, "0002_sync")]
+    assert [tuple(row)[:2] for row in first] == [(1, "0001_scrape"), (2, "0002_sync"), (3, "0003_failed_jobs")]
     assert again == first
     tables = await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename")
-    assert [row["tablename"] for row in tables] == ["connections", "entities", "kubearq_schema_migrations",
-                                                    "metric_snapshots", "scrape_failures", "scrape_items"]
+    assert [row["tablename"] for row in tables] == ["connections", "entities", "failed_jobs",
+                                                    "kubearq_schema_migrations", "metric_snapshots",
+                                                    "scrape_failures", "scrape_items"]
 
 
 async def test_concurrent_workers_apply_each_migration_exactly_once(postgres_dsn: str, db: asyncpg.Connection) -> None:

@@ -14,6 +14,8 @@ What ARQ alone does, and what changes here:
   it was enqueued for) is not one of those namespaces is refused before it runs: failed, kept, not retried.
   The origin of the running job is `CURRENT_ORIGIN`, and the jobs it enqueues carry it on.
 - A Redis outage ends its main loop; here the loop logs, counts and reconnects with backoff.
+- A failed job's result is gone after keep_result; here every job that fails for good is kept with each try's
+  error, to re-drive or discard (kubearq.worker.failures, kubearq.core.failedjobs).
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from kubearq.core.contract import (
     serialize,
     undecodable_job,
 )
+from kubearq.core.failedjobs import FailureReason
 from kubearq.core.observability import log_context
 from kubearq.worker.admission import JobRefused, origin_fields, refusal, refused_result, stamp_current_origin
+from kubearq.worker.failures import FORGET_TRIES, KEEP_FAILED, FailureKeeper, describe, try_errors_key
 from kubearq.worker.metrics import WorkerMetrics
 from kubearq.worker.settings import WorkerSettings
 
@@ -167,8 +171,10 @@ async def refund_try(redis: ArqRedis, job_id: str) -> None:
     await redis.eval(REFUND_TRY, 1, retry_key_prefix + job_id)  # type: ignore[misc]
 
 
-def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetrics, backoff: Backoff) -> Function:
-    """Wrap a job function with retries, per-try timeouts, deferral, metrics and log context."""
+def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetrics, backoff: Backoff,
+               failures: FailureKeeper) -> Function:
+    """Wrap a job function with retries, per-try timeouts, deferral, metrics and log context; `failures` keeps each
+    failed try's error and the jobs that fail for good."""
     base_timeout = function.timeout_s or settings.job_timeout
     max_tries = function.max_tries or settings.max_tries
     name = function.name
@@ -181,6 +187,11 @@ def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetr
 
     async def run(ctx: dict[str, Any], *args: object, **kwargs: object) -> object:
         job_id, job_try = str(ctx["job_id"]), int(ctx["job_try"])
+
+        async def keep(reason: FailureReason, error: str) -> None:  # as failed for good, when ARQ completes the job
+            on_finish(ctx, FinishScript(KEEP_FAILED, *await failures.final_failure(ctx, name, args, kwargs, reason,
+                                                                                   error)))
+
         with log_context(job_id=job_id, function=name, **origin_fields(CURRENT_ORIGIN.get())):
             started_total.inc()
             in_flight.inc()
@@ -193,20 +204,25 @@ def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetr
                 deferred.inc()
                 logger.info("deferred by %.3fs: %s", defer.seconds, defer.reason)
                 raise Retry(defer=defer.seconds) from None
-            except Retry:
+            except Retry as retry:
                 retried.inc()
+                await failures.note_try(ctx, f"Retry: asked for by the job ({retry})")
                 raise
             except GiveUp as give_up:
                 failed.inc()
                 logger.error("failed on try %d of %d, not retried: %s", job_try, max_tries, give_up.reason)
+                await keep(FailureReason.GAVE_UP, f"GiveUp: {give_up.reason}")
                 raise
             except asyncio.CancelledError:
                 raise  # shutdown or abort: counted by the worker, which knows which it was
             except Exception as error:
+                timeout = per_try_timeout(base_timeout, job_try)
                 if job_try >= max_tries:
                     failed.inc()
                     logger.error("failed on try %d of %d: %s: %s", job_try, max_tries, type(error).__name__, error)
+                    await keep(FailureReason.FAILED, describe(error, timeout))
                     raise
+                await failures.note_try(ctx, describe(error, timeout))
                 delay = backoff.delay(job_try)
                 retried.inc()
                 logger.warning("try %d of %d failed, retrying in %.2fs: %s: %s",
@@ -214,6 +230,8 @@ def supervised(function: Function, settings: WorkerSettings, metrics: WorkerMetr
                 raise Retry(defer=delay) from error
             else:
                 succeeded.inc()
+                if job_try > 1:  # its failed tries' errors are kept no longer
+                    on_finish(ctx, FinishScript(FORGET_TRIES, [try_errors_key(job_id)], []))
                 return result
             finally:
                 duration.observe(time.monotonic() - started)
@@ -255,8 +273,9 @@ class KubearqWorker(Worker):
     ) -> None:
         backoff = Backoff(settings.retry_backoff, settings.retry_backoff_max)
         self._namespaces_allowed = settings.namespaces_allowed
+        self.failures = FailureKeeper(settings, redis, metrics)
         super().__init__(
-            [supervised(function, settings, metrics, backoff) for function in functions],
+            [supervised(function, settings, metrics, backoff, self.failures) for function in functions],
             queue_name=settings.queue,
             redis_pool=redis,
             handle_signals=False,  # the caller owns signals and calls drain()
@@ -314,6 +333,7 @@ class KubearqWorker(Worker):
 
     async def main(self) -> None:
         self.ctx["redis"] = self.pool
+        self.failures.start()
         if self.on_startup:
             await self.on_startup(self.ctx)
         logger.info("serving %d functions on %s: %s", len(self.functions), self.queue_name, ", ".join(self.functions))
@@ -435,6 +455,8 @@ class KubearqWorker(Worker):
         errors = [reply for reply in replies if isinstance(reply, Exception)]
         if errors:
             raise errors[-1]
+        if any(extra.script == KEEP_FAILED for extra in scripts):
+            self.failures.wake()
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         # ARQ calls this for a job that failed without running: undecodable, refused, expired, its function not
@@ -442,6 +464,8 @@ class KubearqWorker(Worker):
         self._on_finish.pop(job_id, None)
         raw = await self.pool.get(job_key_prefix + job_id)
         function = "unknown"
+        job: dict[str, object] | None = None
+        reason, error = None, None
         if raw is not None:
             problem = undecodable_job(raw)
             if problem is None:
@@ -455,11 +479,16 @@ class KubearqWorker(Worker):
                         logger.warning("job %s (%s) refused: %s; kept as %s%s", job_id, function, refused,
                                        DEAD_LETTER_PREFIX, job_id)
                     result_data = refused_result(result_data, job, refused)
+                    reason, error = FailureReason.REFUSED, refused
             else:
                 function = "undecodable"
                 await self.pool.set(DEAD_LETTER_PREFIX + job_id, raw, ex=DEAD_LETTER_SECONDS)
                 logger.warning("job %s cannot be run: %s; kept as %s%s", job_id, problem, DEAD_LETTER_PREFIX, job_id)
+                reason, error = FailureReason.UNDECODABLE, problem
         self.metrics.jobs_failed.labels(function).inc()
+        if raw is not None:  # an expired job left nothing to keep; kept before ARQ removes it (a crash: kept again)
+            await self.failures.keep_unrun(job_id, job, result_data, reason=reason, error=error,
+                                           dead_letter_key=DEAD_LETTER_PREFIX + job_id if reason else None)
         await super().finish_failed_job(job_id, result_data)
 
     # --- shutdown --------------------------------------------------------------------------------------
@@ -494,6 +523,7 @@ class KubearqWorker(Worker):
             task.cancel()
         if self._heartbeat is not None:
             await stop_task(self._heartbeat, 10, "the heartbeat")
+        await self.failures.close()
         if self.main_task is not None:
             self.main_task.cancel()
         if not self._pool:

@@ -78,6 +78,14 @@ class WorkerSettings(BaseSettings):
     """Seconds a job may run (a function's own timeout wins)."""
     keep_result: Annotated[float, Field(ge=0, le=30 * 86_400)] = 3600.0
     """Seconds results are kept in Redis (the operator reads schedule outcomes from them)."""
+    failed_jobs_retention_days: Annotated[float, Field(gt=0, le=3650)] = 14.0
+    """Days a job that failed for good is kept (with each try's error, to re-drive or discard), long after
+    KEEP_RESULT: in PostgreSQL, or without DATABASE_URL in Redis; older ones are pruned."""
+    failed_jobs_redis_cap: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    """Without DATABASE_URL, failed jobs are kept in Redis: at most this many, the newest."""
+    pod_name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    """The worker's name in the failed jobs it keeps (the chart may set it from the downward API); default: the host
+    name, which in Kubernetes is the pod's name."""
     max_tries: Annotated[int, Field(ge=1, le=100)] = 5
     """Tries per job before it fails for good (a function's own setting wins)."""
     poll_delay: Annotated[float, Field(gt=0, le=10)] = 0.05
