@@ -285,14 +285,20 @@ def test_a_short_run_piped_prints_plain_lines_and_a_true_summary_and_leaves_noth
         assert "Sync jobs run: 0, 0 failed" in summary
         assert "no tick of the sync fell due in this run (ticks come at minute boundaries)" in summary
     else:  # one boundary at most: the connections' first syncs, their 90-day backfills
-        assert re.search(r"Sync ticks fired: sync-realtime [\d:]+ by operator-[ab] [+-][\d.]+ s Succeeded; "
-                         r"compact-snapshots [\d:]+ by operator-[ab] [+-][\d.]+ s Succeeded", summary), summary
+        # The compaction schedule is created a moment after the realtime one: a minute boundary between the two
+        # (rare) leaves it no tick due in the run, which the summary audits (a lost tick fails the demo).
+        compacted = re.search(r"Sync ticks fired: sync-realtime [\d:]+ by operator-[ab] [+-][\d.]+ s Succeeded; "
+                              r"compact-snapshots (none|[\d:]+ by operator-[ab] [+-][\d.]+ s Succeeded)", summary)
+        assert compacted is not None, summary
         assert re.search(r"acme \(1 sync, the last at [\d:]+: its backfill\), globex \(1 sync, .*its backfill\), "
                          r"initech \(1 sync, .*its backfill\)", summary), summary
         # compaction may have rolled some up already: 4 quarter hours to an hourly row, none lost
         assert re.search(r"Metric rows stored: \d+ in metric_snapshots \(\d+ of 15 minutes, \d+ hourly\): 60480 "
                          r"quarter hours of 7 ads", summary), summary
-        assert "Sync jobs run: 5 (sync_connections 1, sync_connection 3, compact_snapshots 1), 0 failed" in summary
+        if compacted[1] == "none":
+            assert "Sync jobs run: 4 (sync_connections 1, sync_connection 3), 0 failed" in summary
+        else:
+            assert "Sync jobs run: 5 (sync_connections 1, sync_connection 3, compact_snapshots 1), 0 failed" in summary
         assert re.search(r"each of the 3 connections synced after the [\d:]+ tick, no sync job failed", summary)
     secrets_dir = re.search(r"tokens in SYNC_SECRETS_DIR (\S+)", output)
     assert secrets_dir is not None
