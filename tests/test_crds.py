@@ -188,8 +188,14 @@ FULL_SYNC_STATUS = {
     "active": ["kubearq:ss:abc:1764000000"], "activeCount": 1,
     "runs": [{"jobId": "kubearq:ss:abc:1764000000", "scheduledTime": "2026-11-24T10:00:00Z",
               "enqueuedTime": "2026-11-24T10:00:00.2Z", "outcome": "Failed", "finishTime": "2026-11-24T10:01:00Z",
-              "error": "ValueError: boom"}],
+              "error": "ValueError: boom", "trigger": "Backfill"}],
     "skippedTicks": 2, "missedTicks": 1,
+    "lastTrigger": {"id": "20261124T100000-0a1b2c3d", "outcome": "Done", "message": "enqueued job j on queue q",
+                    "handledTime": "2026-11-24T10:00:01Z", "requestedBy": "alice",
+                    "jobId": "kubearq:manual:abc:20261124T100000-0a1b2c3d"},
+    "lastBackfill": {"id": "20261124T100000-0a1b2c3e", "outcome": "Refused", "message": "too many ticks",
+                     "handledTime": "2026-11-24T10:00:01Z", "requestedBy": "alice", "from": "2026-11-23T00:00:00Z",
+                     "to": "2026-11-24T00:00:00Z", "ticks": 0, "enqueued": 0},
 }
 FULL_SCRAPE_STATUS = {
     "observedGeneration": 1,
@@ -201,6 +207,8 @@ FULL_SCRAPE_STATUS = {
     "progress": "12/12", "failedPages": 2,
     "startTime": "2026-11-24T09:00:00Z", "completionTime": "2026-11-24T10:00:00Z",
     "failedUrls": [{"url": "https://example.com/e/1", "error": "HTTP 500", "tries": 5}],
+    "lastCancel": {"id": "20261124T100000-0a1b2c3d", "outcome": "Refused", "message": "already finished",
+                     "handledTime": "2026-11-24T10:00:01Z", "requestedBy": "alice", "removed": 0, "aborted": 0},
 }
 SCRAPE_REQUEST_FROM_CONFIGMAP = {
     **{key: value for key, value in FULL_SCRAPE_REQUEST.items() if key != "urls"},

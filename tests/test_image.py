@@ -127,6 +127,9 @@ def test_the_install_script_puts_the_wheel_in_a_fresh_venv_that_runs_both_roles_
     worker = run(str(venv / "bin" / "kubearq"), "worker", "--help")
     assert worker.returncode == 0, worker.stderr
     assert "--settings" in worker.stdout
+    plugin = run(str(venv / "bin" / "kubectl-kubearq"), "schedule", "--help")  # `kubectl kubearq schedule ...`
+    assert plugin.returncode == 0, plugin.stderr
+    assert "trigger" in plugin.stdout
     imported = run(str(venv / "bin" / "python"), "-c",
                    "import kubearq.operator, kubearq.worker, kubearq.core, operator; operator.add; "
                    "print(*(list(module.__path__)[0] for module in (kubearq.operator, kubearq.worker, kubearq.core)))")

@@ -30,6 +30,7 @@ from kubearq.core.contract import (
 )
 from kubearq.core.queueing import NewJob, Tally, enqueue_many
 from kubearq.operator import kube
+from kubearq.operator.actions import CANCEL_ANNOTATION, Ask, annotation_patch
 from kubearq.operator.conditions import ConditionStatus
 from kubearq.operator.context import FINALIZER, SCRAPE_REQUESTS, OperatorContext
 from kubearq.operator.leader import NotLeaderError
@@ -555,3 +556,96 @@ async def test_the_finalizer_removal_never_clobbers_a_concurrent_change(operator
 async def set_finalizers(operator: Operator, finalizers: list[str]) -> None:
     await operator.k8s.api.patch(SCRAPE_REQUESTS, "events", {"metadata": {"finalizers": finalizers}},
                                  namespace=operator.namespace, timeout=T)
+
+
+# --- Cancellation (the `kubearq.dev/cancel` ask) ---------------------------------------------------------------
+
+
+async def ask_cancel(operator: Operator, name: str, ask_id: str = "20250301T120000-0000c0de") -> None:
+    ask = Ask(id=ask_id, requested_at=START, requested_by="alice")
+    await operator.k8s.api.patch(SCRAPE_REQUESTS, name, annotation_patch(CANCEL_ANNOTATION, ask),
+                                 namespace=operator.namespace, timeout=T)
+
+
+async def test_cancel_removes_queued_jobs_aborts_running_ones_and_keeps_what_was_counted(operator: Operator) -> None:
+    uid = uid_of(await operator.create("events", urls=URLS))
+    await operator.reconcile("events")
+    running, queued = job_id_for_page(uid, URLS[0]), job_id_for_page(uid, URLS[1])
+    await operator.redis.set(in_progress_key_prefix + running, b"1")  # a worker runs the first listing page
+    await operator.count(uid, detail_total=1, detail_done=1)  # and stored one detail page already
+    await ask_cancel(operator, "events")
+    operator.clock.advance(1)
+
+    result = await operator.reconcile("events")
+
+    status = await operator.status("events")
+    message = ("cancelled (ask 20250301T120000-0000c0de): 1 queued job(s) removed, 1 running job(s) aborted; "
+               "the results stored so far are kept")
+    assert (result.outcome, result.wake_at) == (Outcome.CANCELLED, START + datetime.timedelta(seconds=3))
+    assert (status["phase"], status["completionTime"], status["progress"]) == ("Cancelled", "2025-03-01T12:00:01Z",
+                                                                             "1/3")
+    assert {key: operator.succeeded(status)[key] for key in ("status", "reason", "message")} == {
+        "status": "False", "reason": "Cancelled", "message": message}
+    assert status["lastCancel"] == {"id": "20250301T120000-0000c0de", "outcome": "Done", "message": message,
+                                      "handledTime": "2025-03-01T12:00:01Z", "requestedBy": "alice", "removed": 1,
+                                      "aborted": 1}
+    assert await operator.redis.zrange(QUEUE, 0, -1) == []
+    assert not await operator.redis.exists(job_key_prefix + queued)
+    assert await operator.redis.zrange("arq:abort", 0, -1) == [running.encode()]
+    assert await operator.redis.hget(progress_key(uid), "detail_done") == b"1"  # type: ignore[misc]
+    assert ("Normal", "Cancelled", message) in await operator.events()
+
+
+async def test_a_detail_page_enqueued_by_an_aborted_job_is_swept_off_the_queue(operator: Operator) -> None:
+    uid = uid_of(await operator.create("events", urls=URLS))
+    await operator.reconcile("events")
+    running = job_id_for_page(uid, URLS[0])
+    await operator.redis.set(in_progress_key_prefix + running, b"1")
+    await ask_cancel(operator, "events")
+    await operator.reconcile("events")
+    detail = NewJob("detail-late", "scrape_detail", {})  # enqueued by the listing page before it stopped
+    await enqueue_many(operator.redis, QUEUE, [detail], tally=Tally(progress_key(uid), "detail_total",
+                                                                     request_jobs_key(uid)))
+    await operator.redis.delete(in_progress_key_prefix + running)  # the aborted job stopped
+    operator.clock.advance(2)
+
+    swept = await operator.reconcile("events")
+
+    assert (swept.outcome, swept.wake_at) == (Outcome.COMPLETED, None)
+    assert not await operator.redis.exists(job_key_prefix + "detail-late")
+    assert (await operator.status("events"))["phase"] == "Cancelled"
+
+
+async def test_a_repeated_cancel_does_nothing_and_a_finished_request_refuses_one(operator: Operator) -> None:
+    uid = uid_of(await operator.create("events", urls=URLS))
+    await operator.reconcile("events")
+    await operator.count(uid, listing_done=2)
+    operator.clock.advance(1)
+    await operator.reconcile("events")  # all pages done: Succeeded
+    await ask_cancel(operator, "events", "late-ask")
+
+    refused = await operator.reconcile("events")
+    written = (await operator.get("events"))["metadata"]["resourceVersion"]
+    again = await operator.reconcile("events")
+
+    status = await operator.status("events")
+    assert (refused.outcome, again.outcome) == (Outcome.COMPLETED, Outcome.COMPLETED)
+    assert status["phase"] == "Succeeded"
+    assert status["lastCancel"]["outcome"] == "Refused"  # type: ignore[index]
+    assert status["lastCancel"]["message"] == (  # type: ignore[index]
+        "not cancelled: the request already finished (phase Succeeded); nothing to stop")
+    assert (await operator.get("events"))["metadata"]["resourceVersion"] == written
+
+
+async def test_a_request_cancelled_before_it_started_enqueues_nothing(operator: Operator) -> None:
+    await operator.create("events", urlsFrom={"configMapKeyRef": {"name": "pages", "key": "urls"}})
+    await operator.reconcile("events")  # the ConfigMap is missing: Pending
+    await ask_cancel(operator, "events")
+    await operator.reconcile("events")
+    await operator.config_map("pages", {"urls": "\n".join(URLS)})
+
+    result = await operator.reconcile("events")
+
+    assert result.outcome == Outcome.COMPLETED
+    assert (await operator.status("events"))["phase"] == "Cancelled"
+    assert await operator.redis.zcard(QUEUE) == 0

@@ -1,9 +1,10 @@
 """The `kubearq` command line: operator, worker, enqueue, connections, validate, crds, demo, and the groups of
-kubearq.commands (`jobs`, ...).
+kubearq.commands (schedule, scrape, queue, jobs).
 
 This module is the composition root of the one image: it alone may import both the operator and the
 worker (the import contracts in pyproject.toml keep the two apart everywhere else).
-Exit codes: 0 ok, 1 failed (an invalid manifest, a job not enqueued), 2 bad usage or settings, 3 not found.
+Exit codes: 0 ok, 1 failed (an invalid manifest, a job not enqueued), 2 bad usage or settings, 3 not found or
+forbidden.
 """
 
 from __future__ import annotations

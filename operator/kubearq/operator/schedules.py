@@ -2,7 +2,10 @@
 
 Level-triggered: everything it needs is in the object (spec, `status.lastScheduleTime`, `status.runs`)
 and in Redis (job states, served functions), so a new leader picks up exactly where the old one stopped,
-and a tick enqueued twice is refused by its deterministic, remembered id.
+and a tick enqueued twice is refused by its deterministic, remembered id. The asks on the object (a trigger,
+a backfill: kubearq.operator.actions) are handled after the due ticks, once per ask id, which status records
+(`lastTrigger`, `lastBackfill`); their jobs' ids are deterministic too, so a leader that dies between the enqueue
+and the status write leaves nothing the next one would enqueue twice.
 """
 
 from __future__ import annotations
@@ -17,16 +20,31 @@ from typing import cast
 
 from kubearq.core.connections import TRANSIENT_ERRORS
 from kubearq.core.contract import Origin, function_registry_key
-from kubearq.core.queueing import JobOutcome, JobState, NewJob, abort_jobs, remove_queued
+from kubearq.core.queueing import JobOutcome, JobState, NewJob, abort_jobs, enqueue_many, remove_queued
+from kubearq.operator.actions import (
+    BACKFILL_ANNOTATION,
+    TRIGGER_ANNOTATION,
+    ActionOutcome,
+    BackfillAsk,
+    BackfillRecord,
+    TriggerRecord,
+    read_ask,
+)
 from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
 from kubearq.operator.context import API_TIMEOUT, SYNC_SCHEDULES, OperatorContext, rfc3339
 from kubearq.operator.kube import ApiError, KubeObject, is_transient
 from kubearq.operator.scheduler import (
     Action,
+    PendingAsks,
     decide_policy,
+    forbidden_trigger,
     jitter_offset,
+    manual_job_id,
     parse_time,
+    pending_asks,
+    plan_backfill,
     plan_ticks,
+    refusal,
     tick_job_id,
     tick_memory_ms,
 )
@@ -35,6 +53,7 @@ from kubearq.operator.syncschedule import (
     SYNC_SCHEDULE,
     ConcurrencyPolicy,
     RunOutcome,
+    RunTrigger,
     ScheduleRun,
     SyncScheduleSpec,
     SyncScheduleStatus,
@@ -210,8 +229,11 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
         spec = parsed_spec(ctx, uid, generation, body.get("spec"))
     except InvalidSpecError as error:
         message = str(error)
+        asks = pending_asks(body.get("metadata", {}).get("annotations"), previous)
+        refused = {field: refusal(kind, ask_id, f"the schedule is invalid: {message}", now, asks.requested_by)
+                   for field, kind, ask_id in asks.due()}
         status = previous.model_copy(update={
-            "observed_generation": generation, "next_schedule_time": None,
+            "observed_generation": generation, "next_schedule_time": None, **refused,
             "conditions": set_condition(previous.conditions, ready(
                 ConditionStatus.FALSE, "InvalidSchedule", message, generation, now))})
         return ScheduleStep(body, previous, status, None, invalid_message=message)
@@ -222,8 +244,10 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
     plan = plan_ticks(spec.schedule, spec.time_zone, since, now, spec.starting_deadline_seconds)
     runs = list(previous.runs)
     pending = [run.job_id for run in runs if run.outcome not in FINISHED]
+    asks = pending_asks(body.get("metadata", {}).get("annotations"), previous)
     outcomes_read = False
-    if pending and plan.enqueue and not spec.suspend and spec.concurrency_policy != ConcurrencyPolicy.ALLOW:
+    deciding = (plan.enqueue and not spec.suspend) or asks.trigger_id is not None
+    if pending and deciding and spec.concurrency_policy != ConcurrencyPolicy.ALLOW:
         try:
             runs = update_runs(runs, await ctx.outcomes.read(queue, pending), now)
             outcomes_read = True
@@ -238,6 +262,7 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
     retry_at: datetime | None = None
     verdict = ctx.tenancy.schedule(namespace, queue, spec.job.function)
     origin = Origin(namespace=namespace, kind="SyncSchedule", name=name)
+    handled: dict[str, TriggerRecord | BackfillRecord] = {}
     if spec.suspend:
         condition = ready(ConditionStatus.FALSE, "Suspended", "spec.suspend is true: no new runs", generation, now)
     elif not verdict.allowed:
@@ -281,6 +306,19 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
                 retry_at = now + RETRY_AFTER_FAILURE
                 break
 
+    if not verdict.allowed:
+        handled = {field: refusal(kind, ask_id, verdict.message, now, asks.requested_by)
+                   for field, kind, ask_id in asks.due()}
+    elif retry_at is None and asks.due():
+        # Ticks first, then what was asked for; an ask met by a Redis failure stays unhandled and is retried.
+        try:
+            runs, handled, asked_events = await handle_asks(ctx, body, spec, asks, runs, now, origin)
+            events += asked_events
+        except TRANSIENT_ERRORS as error:
+            ctx.metrics.count_error("enqueue")
+            logger.warning("could not carry out what was asked of %s/%s: %s; trying again", namespace, name, error)
+            retry_at = now + RETRY_AFTER_FAILURE
+
     # What is due is enqueued: now what became of the earlier runs, and whether a worker serves the function.
     served: set[str] | None = None
     try:
@@ -309,6 +347,7 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
         "skipped_ticks": skipped, "missed_ticks": missed, "last_schedule_time": last_handled,
         "next_schedule_time": None if spec.suspend or not verdict.allowed else plan.next_tick,
         "conditions": set_condition(previous.conditions, condition),
+        **handled,
     })
     wake = [plan.next_tick] if not spec.suspend else []
     if active_ids:
@@ -321,6 +360,102 @@ async def advance_schedule(ctx: OperatorContext, body: KubeObject, unwritten: Sy
         job, remember = tick_job(ctx, spec, uid, plan.next_tick, origin=origin)
         armed = ArmedTick(uid, generation, plan.next_tick, queue, job, remember, spec.starting_deadline_seconds)
     return ScheduleStep(body, previous, status, min(wake) if wake else None, tuple(events), armed=armed)
+
+
+async def handle_asks(ctx: OperatorContext, body: KubeObject, spec: SyncScheduleSpec, asks: PendingAsks,
+                      runs: list[ScheduleRun], now: datetime, origin: Origin
+                      ) -> tuple[list[ScheduleRun], dict[str, TriggerRecord | BackfillRecord], list[Event]]:
+    """Carry out a pending trigger and backfill: the runs with theirs added, the records for status, the Events."""
+    uid = str(body.get("metadata", {}).get("uid"))
+    handled: dict[str, TriggerRecord | BackfillRecord] = {}
+    events: list[Event] = []
+    if asks.trigger_id is not None:
+        ask = read_ask(asks.annotations, TRIGGER_ANNOTATION)
+        if isinstance(ask, str) or ask is None:
+            handled["last_trigger"] = refusal(TriggerRecord, asks.trigger_id, ask or "", now, asks.requested_by)
+            events.append(Event("TriggerRefused", ask or "", warning=True))
+        else:
+            runs, record = await trigger_run(ctx, spec, uid, ask.id, ask.requested_by, runs, now, origin)
+            handled["last_trigger"] = record
+            events.append(Event("Triggered" if record.outcome == ActionOutcome.DONE else "TriggerRefused",
+                                record.message, warning=record.outcome != ActionOutcome.DONE))
+    if asks.backfill_id is not None:
+        backfill = read_ask(asks.annotations, BACKFILL_ANNOTATION, BackfillAsk)
+        if isinstance(backfill, str) or backfill is None:
+            handled["last_backfill"] = refusal(BackfillRecord, asks.backfill_id, backfill or "", now,
+                                               asks.requested_by)
+            events.append(Event("BackfillRefused", backfill or "", warning=True))
+        else:
+            runs, filled = await backfill_runs(ctx, spec, uid, backfill, runs, now, origin)
+            handled["last_backfill"] = filled
+            events.append(Event("Backfilled" if filled.outcome == ActionOutcome.DONE else "BackfillRefused",
+                                filled.message, warning=filled.outcome != ActionOutcome.DONE))
+    return runs, handled, events
+
+
+async def trigger_run(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, ask_id: str, requested_by: str | None,
+                      runs: list[ScheduleRun], now: datetime, origin: Origin
+                      ) -> tuple[list[ScheduleRun], TriggerRecord]:
+    """One manual run now, under `concurrencyPolicy` as a tick would be: Forbid refuses it while a run is active,
+    Replace aborts the active runs first. Its job id is derived from the ask's id, so handling it twice (a leader
+    that died before writing status) enqueues it once."""
+    active = [run.job_id for run in runs if run.outcome not in FINISHED]
+    action = decide_policy(spec.concurrency_policy, active)
+    if action == Action.SKIP:
+        return runs, TriggerRecord(id=ask_id, outcome=ActionOutcome.REFUSED, message=forbidden_trigger(active),
+                                   handled_time=now, requested_by=requested_by)
+    queue = spec.job.queue
+    job_id = manual_job_id(uid, ask_id)
+    if action == Action.REPLACE:
+        ctx.ensure_leader()
+        await remove_queued(ctx.redis, queue, active)
+        await abort_jobs(ctx.redis, active)
+        runs = [run.model_copy(update={"outcome": RunOutcome.ABORTED, "finish_time": now,
+                                       "error": f"replaced by the manual run {job_id}"})
+                if run.job_id in active else run for run in runs]
+    _, remember = tick_job(ctx, spec, uid, now, origin=origin)
+    job = NewJob(job_id, spec.job.function, spec.job.keyword_args, args=spec.job.args, origin=origin)
+    ctx.ensure_leader()
+    added = await ctx.enqueuer.enqueue(queue, job, remember_ms=remember)
+    if added:
+        ctx.metrics.count_enqueued("schedule", queue)
+    else:
+        ctx.metrics.count_duplicate_enqueue("schedule")
+    logger.info("triggered %s (ask %s)%s", job_id, ask_id, "" if added else ": enqueued before, refused as a duplicate")
+    replaced = f", replacing {len(active)} active run(s)" if action == Action.REPLACE else ""
+    run = ScheduleRun(job_id=job_id, scheduled_time=now, enqueued_time=now, trigger=RunTrigger.MANUAL)
+    return [*runs, run], TriggerRecord(id=ask_id, outcome=ActionOutcome.DONE, handled_time=now, job_id=job_id,
+                                       message=f"enqueued job {job_id} on queue {queue}{replaced}",
+                                       requested_by=requested_by)
+
+
+async def backfill_runs(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, ask: BackfillAsk,
+                        runs: list[ScheduleRun], now: datetime, origin: Origin
+                        ) -> tuple[list[ScheduleRun], BackfillRecord]:
+    """Every past tick of the window with the scheduler's own job ids: a tick enqueued before (by the schedule or
+    an earlier backfill, while its id is remembered) is refused, so a repeat or an overlap enqueues nothing twice.
+    `concurrencyPolicy` governs the schedule's own ticks, not these: they are enqueued at once."""
+    plan = plan_backfill(spec.schedule, spec.time_zone, ask.start, ask.end, now)
+    base = {"id": ask.id, "handled_time": now, "requested_by": ask.requested_by, "start": ask.start, "end": ask.end}
+    if plan.refusal is not None:
+        return runs, BackfillRecord(**base, outcome=ActionOutcome.REFUSED, message=plan.refusal)
+    queue = spec.job.queue
+    jobs = {tick: tick_job(ctx, spec, uid, tick, origin=origin) for tick in plan.ticks}
+    remember = next(iter(jobs.values()))[1] if jobs else 0
+    ctx.ensure_leader()
+    added = set(await enqueue_many(ctx.redis, queue, [job for job, _ in jobs.values()], remember_ms=remember))
+    if added:
+        ctx.metrics.count_enqueued("schedule", queue, len(added))
+    if duplicates := len(jobs) - len(added):
+        ctx.metrics.count_duplicate_enqueue("schedule", duplicates)
+    new_runs = [ScheduleRun(job_id=job.job_id, scheduled_time=tick, enqueued_time=now, trigger=RunTrigger.BACKFILL)
+                for tick, (job, _) in jobs.items() if job.job_id in added]
+    window = f"[{rfc3339(ask.start)}, {rfc3339(ask.end)})"
+    message = (f"{len(added)} of the {len(jobs)} tick(s) in {window} enqueued on queue {queue}"
+               + (f"; {duplicates} enqueued before" if duplicates else ""))
+    logger.info("backfill %s: %s", ask.id, message)
+    return [*runs, *new_runs], BackfillRecord(**base, outcome=ActionOutcome.DONE, message=message,
+                                              ticks=len(jobs), enqueued=len(added))
 
 
 def tick_job(ctx: OperatorContext, spec: SyncScheduleSpec, uid: str, tick: datetime, *,

@@ -28,6 +28,7 @@ from kubearq.core.contract import (
 from kubearq.core.queueing import (
     NewJob,
 )
+from kubearq.operator.actions import CANCEL_ANNOTATION, ActionOutcome, CancelRecord, ask_id_of, read_ask
 from kubearq.operator.conditions import Condition, ConditionStatus, set_condition
 from kubearq.operator.kube import Resource
 from kubearq.operator.scraperequest import (
@@ -49,6 +50,9 @@ URLS_RETRY_SECONDS = 30.0  # a missing ConfigMap is looked for again this often
 CLEANUP_POLL_SECONDS = 2.0  # while aborted jobs stop, or the results deletion job runs
 DELETION_RETRY_SECONDS = 60.0  # after the results deletion job failed
 REDIS_RETRY_SECONDS = 5.0
+CANCEL_SWEEP_SECONDS = 60.0
+"""After a cancellation, jobs that were running (and may still enqueue detail pages before they stop) are swept
+off the queue for this long."""
 URL_ERRORS_SHOWN = 3
 URLS_FROM = "spec.urlsFrom.configMapKeyRef"
 
@@ -63,6 +67,7 @@ class Reason(StrEnum):
     SOME_PAGES_FAILED = "SomePagesFailed"
     ALL_PAGES_FAILED = "AllPagesFailed"
     NOT_PERMITTED = NOT_PERMITTED  # waiting for a QueuePolicy; Ready says what is missing
+    CANCELLED = "Cancelled"  # stopped by a `kubearq.dev/cancel` ask
 
 
 class Outcome(StrEnum):
@@ -80,6 +85,7 @@ class Outcome(StrEnum):
     CONFLICT = "Conflict"  # a write met a newer object: a call soon, with it, carries on
     GONE = "Gone"  # the object no longer exists
     REDIS_UNAVAILABLE = "RedisUnavailable"
+    CANCELLED = "Cancelled"  # stopped on request: its queued jobs removed, its running ones aborted
 
 
 @dataclass(frozen=True)
@@ -295,6 +301,8 @@ def decide_phase(condition: Condition | None) -> Phase:
         return Phase.RUNNING if condition.reason == Reason.SCRAPING else Phase.PENDING
     if condition.reason == Reason.SOME_PAGES_FAILED:
         return Phase.PARTIALLY_SUCCEEDED
+    if condition.reason == Reason.CANCELLED:
+        return Phase.CANCELLED
     if condition.reason == Reason.URLS_UNAVAILABLE:
         return Phase.PENDING  # tried again: the ConfigMap may appear
     return Phase.FAILED
@@ -384,3 +392,58 @@ def decide_deletion(spec: object) -> tuple[str, DeletionPolicy]:
     return (queue if isinstance(queue, str) and queue else DEFAULT_QUEUE), policy
 
 
+
+
+def pending_cancel(annotations: Mapping[str, str] | None, previous: ScrapeRequestStatus) -> str | None:
+    """The id of a cancel ask the status does not record as handled yet, else None."""
+    ask_id = ask_id_of(annotations, CANCEL_ANNOTATION)
+    if ask_id is None or (previous.last_cancel is not None and previous.last_cancel.id == ask_id):
+        return None
+    return ask_id
+
+
+def cancel_requested_by(annotations: Mapping[str, str] | None) -> str | None:
+    ask = read_ask(annotations, CANCEL_ANNOTATION)
+    return ask.requested_by if ask is not None and not isinstance(ask, str) else None
+
+
+def decide_cancel_refusal(annotations: Mapping[str, str] | None, previous: ScrapeRequestStatus) -> str | None:
+    """Why a cancel ask is refused (unreadable, or the request already finished), or None to carry it out."""
+    ask = read_ask(annotations, CANCEL_ANNOTATION)
+    if isinstance(ask, str):
+        return ask
+    if previous.completion_time is not None:
+        return f"not cancelled: the request already finished (phase {previous.phase}); nothing to stop"
+    return None
+
+
+def build_cancel_refusal(previous: ScrapeRequestStatus, ask_id: str, message: str, requested_by: str | None,
+                         now: datetime) -> ScrapeRequestStatus:
+    record = CancelRecord(id=ask_id, outcome=ActionOutcome.REFUSED, message=message[:1024], handled_time=now,
+                          requested_by=requested_by)
+    return previous.model_copy(update={"last_cancel": record})
+
+
+def build_cancelled_status(previous: ScrapeRequestStatus, progress: Progress, *, ask_id: str,
+                           requested_by: str | None, removed: int, aborted: int, generation: int,
+                           now: datetime) -> ScrapeRequestStatus:
+    """Cancelled: the counts as the workers left them, `Succeeded` False with reason Cancelled, finished now."""
+    message = (f"cancelled (ask {ask_id}): {removed} queued job(s) removed, {aborted} running job(s) aborted; "
+               "the results stored so far are kept")
+    record = CancelRecord(id=ask_id, outcome=ActionOutcome.DONE, message=message, handled_time=now,
+                          requested_by=requested_by, removed=removed, aborted=aborted)
+    condition = succeeded_condition(ConditionStatus.FALSE, Reason.CANCELLED, message, generation, now)
+    changes: dict[str, object] = {"last_cancel": record, "completion_time": now}
+    if progress.listing_enqueued:
+        changes |= {"listing_pages": progress.listing, "detail_pages": progress.detail,
+                    "progress": f"{progress.finished}/{progress.total}",
+                    "failed_pages": progress.listing.failed + progress.detail.failed,
+                    "failed_urls": list(progress.failed_urls)}
+    return with_condition(previous, condition, generation, **changes)
+
+
+def decide_cancel_sweep(previous: ScrapeRequestStatus, now: datetime) -> bool:
+    """Whether a cancelled request's jobs are to be swept off the queue again (see CANCEL_SWEEP_SECONDS)."""
+    record = previous.last_cancel
+    return (previous.phase == Phase.CANCELLED and record is not None and record.outcome == ActionOutcome.DONE
+            and record.aborted > 0 and (now - record.handled_time).total_seconds() < CANCEL_SWEEP_SECONDS)

@@ -16,6 +16,7 @@ from kubearq.core.contract import (
     HttpUrl,
     ScrapeSettings,
 )
+from kubearq.operator.actions import CancelRecord
 from kubearq.operator.conditions import Conditions
 from kubearq.operator.resources import PrinterColumn, ResourceKind
 
@@ -53,6 +54,7 @@ class Phase(StrEnum):
     SUCCEEDED = "Succeeded"
     PARTIALLY_SUCCEEDED = "PartiallySucceeded"
     FAILED = "Failed"
+    CANCELLED = "Cancelled"
 
 
 class ConfigMapKeyRef(ApiModel):
@@ -150,7 +152,7 @@ class ScrapeRequestStatus(ApiModel):
     conditions: Conditions = []
     """`Succeeded` is the truth; `phase` is derived from it."""
     phase: Phase = Phase.PENDING
-    """Pending, Running, Succeeded, PartiallySucceeded or Failed."""
+    """Pending, Running, Succeeded, PartiallySucceeded, Failed or Cancelled."""
     listing_pages: PageCounts = PageCounts()
     """Listing pages by state."""
     detail_pages: PageCounts = PageCounts()
@@ -165,6 +167,8 @@ class ScrapeRequestStatus(ApiModel):
     """When the last page finished."""
     failed_urls: Annotated[list[FailedUrl], Field(max_length=MAX_FAILED_URLS_SHOWN)] = []
     """The first failed pages; all of them are kept in PostgreSQL."""
+    last_cancel: CancelRecord | None = None
+    """The last `kubearq.dev/cancel` ask handled: its id (a repeat does nothing), outcome and what was stopped."""
 
 
 SCRAPE_REQUEST = ResourceKind(
@@ -175,7 +179,8 @@ SCRAPE_REQUEST = ResourceKind(
     spec_model=ScrapeRequestSpec,
     status_model=ScrapeRequestStatus,
     printer_columns=(
-        PrinterColumn("Phase", "string", ".status.phase", "Pending, Running, Succeeded, PartiallySucceeded, Failed"),
+        PrinterColumn("Phase", "string", ".status.phase",
+                      "Pending, Running, Succeeded, PartiallySucceeded, Failed, Cancelled"),
         PrinterColumn("Progress", "string", ".status.progress", "Finished pages of all known pages"),
         PrinterColumn("Failed", "integer", ".status.failedPages", "Pages that failed every try"),
         PrinterColumn("Age", "date", ".metadata.creationTimestamp", "Time since creation"),

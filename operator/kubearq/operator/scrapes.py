@@ -57,17 +57,23 @@ from kubearq.operator.scrapedecisions import (
     ScrapeObject,
     StatusPacer,
     UrlsUnavailableError,
+    build_cancel_refusal,
+    build_cancelled_status,
     build_deletion_job,
     build_listing_jobs,
     build_problem_status,
     build_progress,
     build_scrape_settings,
     build_status,
+    cancel_requested_by,
+    decide_cancel_refusal,
+    decide_cancel_sweep,
     decide_deletion,
     decide_start,
     decide_status_write,
     parse_failed_url,
     parse_url_list,
+    pending_cancel,
     permission_condition,
     succeeded_condition,
     with_condition,
@@ -122,6 +128,12 @@ async def _reconcile(ctx: OperatorContext, body: KubeObject, obj: ScrapeObject, 
             return ReconcileResult(Outcome.IGNORED)
         return await _clean_up(ctx, body, obj, pacer)
     previous = _current_status(ctx, body, obj)
+    annotations = body.get("metadata", {}).get("annotations")
+    cancel_id = pending_cancel(annotations, previous)
+    if cancel_id is not None:
+        return await _cancel(ctx, body, obj, pacer, previous, cancel_id)
+    if decide_cancel_sweep(previous, ctx.now()):
+        return await _sweep_cancelled(ctx, body, obj)
     if previous.completion_time is not None:
         pacer.forget(obj.uid)
         return ReconcileResult(Outcome.COMPLETED)
@@ -188,6 +200,69 @@ async def _reconcile(ctx: OperatorContext, body: KubeObject, obj: ScrapeObject, 
         await ctx.post_event(body, final.reason, final.message, warning=final.status != ConditionStatus.TRUE)
         return ReconcileResult(Outcome.COMPLETED, status_written=True)
     return ReconcileResult(outcome, wake_at=moment + timedelta(seconds=interval), status_written=True)
+
+
+async def _cancel(ctx: OperatorContext, body: KubeObject, obj: ScrapeObject, pacer: StatusPacer,
+                  previous: ScrapeRequestStatus, ask_id: str) -> ReconcileResult:
+    """A `kubearq.dev/cancel` ask: take the request's jobs off the queue, abort the running ones, record it as
+    Cancelled (what was stored stays). Handled once per ask id; a finished request refuses it."""
+    annotations = body.get("metadata", {}).get("annotations")
+    requested_by = cancel_requested_by(annotations)
+    now = ctx.now().replace(microsecond=0)
+    refusal = decide_cancel_refusal(annotations, previous)
+    if refusal is not None:
+        written = await _write_status(ctx, obj, pacer, build_cancel_refusal(previous, ask_id, refusal, requested_by,
+                                                                           now), now)
+        if written is not None:
+            return written
+        await ctx.post_event(body, "CancelRefused", refusal, warning=True)
+        return ReconcileResult(Outcome.COMPLETED if previous.completion_time else Outcome.RUNNING,
+                               wake_at=None if previous.completion_time else _after(ctx, ctx.settings.status_interval),
+                               status_written=True)
+    queue, _ = decide_deletion(body.get("spec"))
+    removed, running = await _stop_jobs(ctx, obj, queue)
+    progress = await _read_progress(ctx, obj)
+    desired = build_cancelled_status(previous, progress, ask_id=ask_id, requested_by=requested_by, removed=removed,
+                                     aborted=len(running), generation=obj.generation, now=now)
+    written = await _write_status(ctx, obj, pacer, desired, now)
+    if written is not None:
+        return written
+    pacer.forget(obj.uid)
+    condition = next(c for c in desired.conditions if c.type == SUCCEEDED)
+    await ctx.post_event(body, "Cancelled", condition.message)
+    logger.info("ScrapeRequest %s/%s cancelled: %d queued jobs removed, %d running jobs aborted",
+                obj.namespace, obj.name, removed, len(running))
+    wake = _after(ctx, CLEANUP_POLL_SECONDS) if running else None
+    return ReconcileResult(Outcome.CANCELLED, wake_at=wake, status_written=True)
+
+
+async def _sweep_cancelled(ctx: OperatorContext, body: KubeObject, obj: ScrapeObject) -> ReconcileResult:
+    """A cancelled request whose running jobs were aborted: detail pages they enqueued before stopping are taken
+    off the queue too, until none runs (or CANCEL_SWEEP_SECONDS have passed)."""
+    queue, _ = decide_deletion(body.get("spec"))
+    removed, running = await _stop_jobs(ctx, obj, queue)
+    if removed:
+        logger.info("ScrapeRequest %s/%s cancelled: %d more queued jobs removed", obj.namespace, obj.name, removed)
+    if running:
+        return ReconcileResult(Outcome.CANCELLED, wake_at=_after(ctx, CLEANUP_POLL_SECONDS))
+    return ReconcileResult(Outcome.COMPLETED)
+
+
+async def _stop_jobs(ctx: OperatorContext, obj: ScrapeObject, queue: str) -> tuple[int, list[str]]:
+    """Take the request's jobs off the queue and abort the running ones: (jobs removed before they ran, running)."""
+    members = cast(set[bytes], await ctx.redis.smembers(request_jobs_key(obj.uid)))  # type: ignore[misc]
+    job_ids = sorted(member.decode() for member in members)
+    if not job_ids:
+        return 0, []
+    ctx.ensure_leader()
+    removed = await remove_queued(ctx.redis, queue, job_ids)
+    outcomes = await job_outcomes(ctx.redis, queue, job_ids)
+    running = [job_id for job_id, outcome in outcomes.items() if outcome.state == JobState.RUNNING]
+    if running:
+        await abort_jobs(ctx.redis, running)
+    # Removed first, so that none can start in between; ARQ keeps a running job's id on the queue, so the count
+    # of ids taken off it includes the running ones.
+    return max(0, removed - len(running)), running
 
 
 # After a write met a newer object, look again soon: the newer object may differ only in a status the leader

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from kubearq.core.connections import TRANSIENT_ERRORS
+from kubearq.operator.actions import ACTION_ANNOTATIONS
 from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource, is_transient
 from kubearq.operator.resources import GROUP, VERSION
 from kubearq.operator.tenancy import TenancyState
@@ -43,10 +44,12 @@ def _revision(body: KubeObject) -> int | None:
 
 
 def _intent(body: KubeObject) -> tuple[object, ...]:
-    """What a reconcile acts on: everything but status and bookkeeping."""
+    """What a reconcile acts on: everything but status and bookkeeping (the asks of actions.py included: they
+    change no generation)."""
     metadata = body.get("metadata", {})
+    annotations = metadata.get("annotations") or {}
     return (body.get("spec"), metadata.get("uid"), metadata.get("generation"), metadata.get("deletionTimestamp"),
-            metadata.get("finalizers"))
+            metadata.get("finalizers"), tuple(annotations.get(name) for name in ACTION_ANNOTATIONS))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Annotated, Self
 from pydantic import AfterValidator, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
 
 from kubearq.core.contract import DEFAULT_QUEUE, OPERATOR_ONLY_FUNCTIONS, OPERATOR_ONLY_MESSAGE, ApiModel
+from kubearq.operator.actions import BackfillRecord, TriggerRecord
 from kubearq.operator.conditions import Conditions
 from kubearq.operator.cron import check_schedule, check_time_zone
 from kubearq.operator.resources import PrinterColumn, ResourceKind
@@ -69,6 +70,14 @@ class RunOutcome(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     ABORTED = "Aborted"
+
+
+class RunTrigger(StrEnum):
+    """What made a run: a tick of the schedule, a manual trigger, or a backfill of past ticks."""
+
+    SCHEDULED = "Scheduled"
+    MANUAL = "Manual"
+    BACKFILL = "Backfill"
 
 
 class JobTemplate(ApiModel):
@@ -165,6 +174,8 @@ class ScheduleRun(ApiModel):
     """When the job finished."""
     error: Annotated[str, Field(max_length=1024)] | None = None
     """The job's error, shortened."""
+    trigger: RunTrigger = RunTrigger.SCHEDULED
+    """Scheduled (a tick), Manual (`kubearq schedule trigger`) or Backfill (`kubearq schedule backfill`)."""
 
 
 class SyncScheduleStatus(ApiModel):
@@ -188,6 +199,10 @@ class SyncScheduleStatus(ApiModel):
     """Ticks skipped by `concurrencyPolicy: Forbid`."""
     missed_ticks: Annotated[int, Field(ge=0)] = 0
     """Ticks missed for longer than `startingDeadlineSeconds` (e.g. during downtime)."""
+    last_trigger: TriggerRecord | None = None
+    """The last `kubearq.dev/trigger` ask handled: its id (a repeat does nothing), outcome and job id."""
+    last_backfill: BackfillRecord | None = None
+    """The last `kubearq.dev/backfill` ask handled: its id (a repeat does nothing), window and counts."""
 
 
 SYNC_SCHEDULE = ResourceKind(
