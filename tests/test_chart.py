@@ -18,7 +18,15 @@ import pytest
 import yaml
 
 from kubearq.operator.queuestats import label_safe
-from kubearq.operator.rbac import lease_rules, operator_rules, tenancy_rules
+from kubearq.operator.rbac import (
+    dashboard_review_rules,
+    dashboard_write_rules,
+    lease_rules,
+    operator_rules,
+    operator_user_rules,
+    tenancy_rules,
+    viewer_rules,
+)
 from tests.chart import (
     CHART_DIR,
     CHART_README,
@@ -80,6 +88,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "custom-image": {"image": {"repository": "registry.example/myapp-kubearq", "tag": "1.4.2",
                                "digest": "sha256:" + "ab" * 32, "pullPolicy": "Always"},
                      "imagePullSecrets": ["registry-auth"], "fullnameOverride": "jobs"},
+    "dashboard": {"dashboard": {"enabled": True, "secureCookie": True},
+                  "postgresql": {"existingSecret": "pg", "urlKey": "", "host": "pg.data.svc",
+                                 "caBundle": {"configMapName": "pg-ca"}},
+                  "networkPolicy": {"enabled": True}},
     "monitoring-on": {"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                                      "podMonitor": {"enabled": True}, "scrapeAnnotations": True}},
 }
@@ -381,7 +393,8 @@ def test_watch_namespaces_give_a_role_in_each_and_no_cluster_role(rendered: dict
                 if binding["metadata"]["name"] == "kubearq-operator"]
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == ["team-a", "team-b"]
     assert sorted(role["metadata"]["name"] for role in by_kind(objects, "ClusterRole")) == [
-        "kubearq-edit", "kubearq-operator-tenancy", "kubearq-queuepolicy-reader", "kubearq-view"]
+        "kubearq-edit", "kubearq-operator-tenancy", "kubearq-operator-user", "kubearq-queuepolicy-reader",
+        "kubearq-view", "kubearq-viewer"]  # the last two grant nothing until someone binds them to people
     # the one cluster-wide grant of a namespaced install: the tenancy reads (QueuePolicies, namespace labels)
     assert [binding["roleRef"]["name"] for binding in by_kind(objects, "ClusterRoleBinding")] == [
         "kubearq-operator-tenancy"]
@@ -400,6 +413,15 @@ ALLOWED_GRANTS = {
     *(("kubearq.dev", "queuepolicies", verb) for verb in ("get", "list", "watch")),
     ("kubearq.dev", "queuepolicies/status", "patch"),  # Ready: applied, or ignored and why
     *(("", "namespaces", verb) for verb in ("get", "list", "watch")),
+    # the dashboard: who a token is and what its user may do
+    ("authentication.k8s.io", "tokenreviews", "create"), ("authorization.k8s.io", "subjectaccessreviews", "create"),
+    # the roles for people: reads, the virtual resources, and the dashboard's custom verbs
+    *(("kubearq.dev", f"{resource}/status", verb) for resource in ("syncschedules", "scraperequests")
+      for verb in ("get", "list", "watch")),
+    *(("kubearq.dev", resource, verb) for resource in ("failedjobs", "queues") for verb in ("get", "list")),
+    ("kubearq.dev", "syncschedules", "trigger"), ("kubearq.dev", "syncschedules", "suspend"),
+    ("kubearq.dev", "scraperequests", "cancel"),
+    ("kubearq.dev", "failedjobs", "redrive"), ("kubearq.dev", "failedjobs", "discard"),
 }
 # The aggregated roles: application teams write (edit/admin) and read (view) the two resources.
 AGGREGATED_GRANTS = {
@@ -464,6 +486,59 @@ def test_edit_admin_and_view_are_aggregated_the_two_resources() -> None:
     assert {verb for _, _, verb in grants(view)} == {"get", "list", "watch"}
 
 
+def test_the_roles_for_people_are_exactly_kubearq_operator_rbac() -> None:
+    objects = render()
+    assert rules_of(named(objects, "ClusterRole", "kubearq-viewer")) == viewer_rules()
+    assert rules_of(named(objects, "ClusterRole", "kubearq-operator-user")) == operator_user_rules()
+    assert not [binding for binding in by_kind(objects, "ClusterRoleBinding") + by_kind(objects, "RoleBinding")
+                if binding["roleRef"]["name"] in ("kubearq-viewer", "kubearq-operator-user")]  # yours to bind
+
+
+# --- the dashboard ---------------------------------------------------------------------------------------------
+
+def test_the_dashboard_is_off_by_default_and_grants_the_operator_nothing_then(
+        rendered: dict[str, list[KubeObject]]) -> None:
+    objects = rendered["defaults"]
+    container = operator_pod(objects)["containers"][0]
+    assert not [name for name in env_of(container) if name.startswith("DASHBOARD_")]
+    assert [port["name"] for port in container["ports"]] == ["http"]
+    assert [port["name"] for port in named(objects, "Service", "kubearq-operator")["spec"]["ports"]] == [
+        "http-metrics"]
+    assert not [role for role in by_kind(objects, "ClusterRole") if "dashboard" in role["metadata"]["name"]]
+
+
+def test_one_value_turns_the_dashboard_on_with_exactly_its_rbac(rendered: dict[str, list[KubeObject]]) -> None:
+    objects = rendered["dashboard"]
+    container = operator_pod(objects)["containers"][0]
+    env = env_of(container)
+    assert {name: env[name] for name in env if name.startswith("DASHBOARD_")} == {
+        "DASHBOARD_ENABLED": "true", "DASHBOARD_PORT": "8081", "DASHBOARD_AUTH_CACHE_SECONDS": "10",
+        "DASHBOARD_SECURE_COOKIE": "true", "DASHBOARD_DATABASE_URL": "$(DATABASE_URL)"}
+    assert list(env).index("DATABASE_URL") < list(env).index("DASHBOARD_DATABASE_URL")  # $(…) needs it first
+    assert {"name": "dashboard", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    assert {"name": "postgresql-ca", "mountPath": "/etc/kubearq/postgresql-ca", "readOnly": True} in \
+        container["volumeMounts"]
+    service = named(objects, "Service", "kubearq-operator")
+    assert {"name": "http-dashboard", "port": 8081, "targetPort": "dashboard", "protocol": "TCP"} in \
+        service["spec"]["ports"]
+    role = named(objects, "ClusterRole", "kubearq-operator-dashboard")
+    assert rules_of(role) == [*dashboard_review_rules(), *dashboard_write_rules()]
+    assert named(objects, "ClusterRoleBinding", "kubearq-operator-dashboard")["roleRef"]["name"] == \
+        "kubearq-operator-dashboard"
+    policy = named(objects, "NetworkPolicy", "kubearq-operator")
+    assert {"ports": [{"protocol": "TCP", "port": "dashboard"}]} in policy["spec"]["ingress"]
+    assert {"ports": [{"protocol": "TCP", "port": 5432}]} in policy["spec"]["egress"]
+
+
+def test_a_namespaced_dashboard_patches_schedules_only_in_the_watched_namespaces() -> None:
+    objects = render({"dashboard": {"enabled": True}, "watchNamespaces": ["team-a", "team-b"]})
+    assert rules_of(named(objects, "ClusterRole", "kubearq-operator-dashboard")) == dashboard_review_rules()
+    roles = [role for role in by_kind(objects, "Role") if role["metadata"]["name"] == "kubearq-operator-dashboard"]
+    assert sorted(role["metadata"]["namespace"] for role in roles) == ["team-a", "team-b"]
+    assert all(rules_of(role) == dashboard_write_rules() for role in roles)
+    assert "DASHBOARD_DATABASE_URL" not in env_of(operator_pod(objects)["containers"][0])  # no PostgreSQL: Redis
+
+
 # --- bad values --------------------------------------------------------------------------------------------------
 
 def pool(**fields: Any) -> dict[str, Any]:
@@ -495,6 +570,8 @@ def pool(**fields: Any) -> dict[str, Any]:
                  id="a-queue-with-a-comma"),
     pytest.param({"redis": {"urlKey": "", "host": "redis://redis:6379"}},
                  "- at '/redis/host': 'redis://redis:6379' does not match pattern", id="a-url-as-host"),
+    pytest.param({"dashboard": {"enabled": "yes"}}, "- at '/dashboard/enabled': got string, want boolean",
+                 id="dashboard-enabled-not-a-boolean"),
 ])
 def test_the_schema_refuses_bad_values_with_a_message_naming_them(values: dict[str, Any], message: str) -> None:
     error = render_error(values)
@@ -520,6 +597,9 @@ def test_the_schema_refuses_bad_values_with_a_message_naming_them(values: dict[s
                  "postgresql.caBundle is set but postgresql.urlKey names a whole URL", id="ca-with-a-whole-url"),
     pytest.param({"operator": {"serviceAccount": {"create": False}}},
                  "operator.serviceAccount.name: name the existing ServiceAccount", id="no-service-account"),
+    pytest.param({"dashboard": {"enabled": True, "port": 8080}},
+                 "dashboard.port: 8080 is the operator's probes and metrics port (unauthenticated); pick another",
+                 id="dashboard-on-the-metrics-port"),
 ])
 def test_templates_refuse_values_that_would_break_with_a_message_naming_them(
         values: dict[str, Any], message: str) -> None:

@@ -26,6 +26,7 @@ from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES, OperatorCo
 from kubearq.operator.kube import ApiError, KubeObject, Resource
 from kubearq.operator.main import default_reconcilers
 from kubearq.operator.metrics import OperatorMetrics
+from kubearq.operator.rbac import operator_user_rules
 from kubearq.operator.scheduler import manual_job_id, tick_job_id
 from kubearq.operator.schedules import reconcile_schedule
 from kubearq.operator.scrapedecisions import StatusPacer
@@ -462,3 +463,17 @@ async def test_a_user_who_may_only_read_cannot_trigger_and_nothing_changes(
     assert (suspend.code, suspend.err) == (3, f"kubearq schedule suspend: {expected}\n")
     after = await fetch(k8s, "nightly")
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+@pytest.mark.cluster
+async def test_the_chart_operator_user_role_may_trigger_from_the_cli(
+        k8s: KubernetesUnderTest, kubearq: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    await create(k8s, "nightly")
+    runner = await k8s.login_as_service_account("runner", operator_user_rules())
+    monkeypatch.setenv("KUBECONFIG", str(runner.kubeconfig))
+
+    asked = await kubearq("schedule", "trigger", "nightly", "-n", k8s.namespace, "--no-wait")
+
+    assert asked.code == 0, asked.err
+    annotations = (await fetch(k8s, "nightly"))["metadata"]["annotations"]
+    assert TRIGGER_ANNOTATION in annotations

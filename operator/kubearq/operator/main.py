@@ -25,6 +25,7 @@ from kubearq.core.aio import stop_task, wait_or_timeout
 from kubearq.core.connections import create_redis
 from kubearq.core.observability import ProbeServer
 from kubearq.operator.access import WatchAccess
+from kubearq.operator.console.server import Console, ConsoleConfig, start_console
 from kubearq.operator.context import API_TIMEOUT, QUEUE_POLICIES, OperatorContext, utc_now
 from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource
 from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLeaderError
@@ -345,9 +346,20 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
                                                              "objects-listed": objects_listed,
                                                              "kubernetes-access": access.allowed},
                          live_checks={"queue-metrics": refresher_alive})
+    console: Console | None = None
     try:
         await probes.start(settings.http_host, settings.http_port)
-    except BaseException:  # e.g. HTTP_PORT taken: nothing else has started yet but the listing
+        if settings.dashboard_enabled:
+            console = await start_console(
+                api, redis, lambda: store.objects,
+                ConsoleConfig(queues=lambda: store.queues() | settings.extra_queues,
+                              secure_cookie=settings.dashboard_secure_cookie),
+                host=settings.dashboard_host, port=settings.dashboard_port,
+                database_url=settings.dashboard_database_url, cache_seconds=settings.dashboard_auth_cache_seconds,
+                observe=lambda kind, body: store.observe(kind, "MODIFIED", body),
+                on_error=lambda operation: metrics.errors.labels(operation=operation).inc())
+    except BaseException:  # e.g. HTTP_PORT or DASHBOARD_PORT taken: nothing else has started yet but the listing
+        await probes.stop()
         listing.cancel()
         await asyncio.gather(listing, return_exceptions=True)
         await api.aclose()
@@ -384,6 +396,8 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         # Before kopf stops: kopf waits 5 s for every task begun after it started, and a kept-alive /metrics
         # connection (Prometheus keeps one) has its handler task waiting for the next request.
         stopping.push_async_callback(probes.stop)
+        if console is not None:
+            stopping.push_async_callback(console.stop)
         stopping.push_async_callback(stop_task, listing, 10, "the start-up listing")
         stopping.push_async_callback(release_lease)
         if reclaiming is not None:

@@ -1,5 +1,6 @@
 """The API access `kubearq operator` needs and nothing more: the one list the chart's roles and the README
-are written from, and that a test on a real kube-apiserver runs the operator with (tests/test_rbac.py)."""
+are written from, and that a test on a real kube-apiserver runs the operator with (tests/test_rbac.py); and the
+roles for people that the dashboard's SubjectAccessReviews are answered from (the viewer, the operator-user)."""
 
 from __future__ import annotations
 
@@ -49,4 +50,60 @@ def tenancy_rules() -> list[PolicyRule]:
         PolicyRule(apiGroups=[GROUP], resources=["queuepolicies"], verbs=["get", "list", "watch"]),
         PolicyRule(apiGroups=[GROUP], resources=["queuepolicies/status"], verbs=["patch"]),
         PolicyRule(apiGroups=[""], resources=["namespaces"], verbs=["get", "list", "watch"]),
+    ]
+
+
+# --- the dashboard (kubearq.operator.console) ---------------------------------------------------------------------
+
+FAILED_JOBS = "failedjobs"
+"""A virtual resource of kubearq.dev: no API serves it, but RBAC rules and SubjectAccessReviews may name it, so
+that who may see, re-drive or discard failed jobs is decided by Kubernetes RBAC as for the two real kinds."""
+QUEUES = "queues"
+"""A virtual resource of kubearq.dev too: the dashboard's queue statistics (ready, running, deferred, oldest age)."""
+VIEW_VERBS = ["get", "list", "watch"]
+USER_VERBS: dict[str, list[str]] = {
+    "syncschedules": ["trigger", "suspend"],  # `suspend` covers resuming too, as `patch` would
+    "scraperequests": ["cancel"],
+    FAILED_JOBS: ["redrive", "discard"],
+}
+"""The custom verbs the dashboard authorizes its actions with (SubjectAccessReview), by resource."""
+
+
+def dashboard_review_rules() -> list[PolicyRule]:
+    """Cluster-wide, for the dashboard only: who a bearer token is (TokenReview), and whether that user may do what
+    a view or a button asks (SubjectAccessReview)."""
+    return [
+        PolicyRule(apiGroups=["authentication.k8s.io"], resources=["tokenreviews"], verbs=["create"]),
+        PolicyRule(apiGroups=["authorization.k8s.io"], resources=["subjectaccessreviews"], verbs=["create"]),
+    ]
+
+
+def dashboard_write_rules() -> list[PolicyRule]:
+    """On the watched namespaces, for the dashboard only: an authorized trigger or suspend/resume is carried out as
+    the operator, by patching the SyncSchedule (an annotation, or `spec.suspend`); ScrapeRequests it may patch
+    already (its finalizer), which the cancel annotation needs."""
+    return [PolicyRule(apiGroups=[GROUP], resources=["syncschedules"], verbs=["patch"])]
+
+
+def viewer_rules() -> list[PolicyRule]:
+    """The ClusterRole `<release>-viewer`, for people: see schedules, scrape requests and failed jobs (bind it with a
+    RoleBinding for one namespace, or a ClusterRoleBinding for all, failed jobs of no resource included)."""
+    return [
+        PolicyRule(apiGroups=[GROUP], resources=[*WATCHED, f"{WATCHED[0]}/status", f"{WATCHED[1]}/status"],
+                   verbs=list(VIEW_VERBS)),
+        PolicyRule(apiGroups=[GROUP], resources=[FAILED_JOBS, QUEUES], verbs=["get", "list"]),
+    ]
+
+
+def operator_user_rules() -> list[PolicyRule]:
+    """The ClusterRole `<release>-operator-user`, for people who run things: the viewer's reads, and every action.
+
+    The dashboard checks the custom verbs and acts as the operator; the CLI (`kubearq schedule trigger`, `scrape
+    cancel`, ...) patches the resource as its caller, so the role grants `patch` on both resources too (which also
+    lets its holders edit their spec, as `kubectl edit` would)."""
+    return [
+        *viewer_rules(),
+        *(PolicyRule(apiGroups=[GROUP], resources=[resource], verbs=list(verbs))
+          for resource, verbs in USER_VERBS.items()),
+        PolicyRule(apiGroups=[GROUP], resources=list(WATCHED), verbs=["patch"]),
     ]

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubearq.core.connections import check_redis_url
 from kubearq.core.observability import check_log_level
+
+
+def check_postgresql_url(url: str) -> str:
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise ValueError("DASHBOARD_DATABASE_URL must be a postgresql:// URL, e.g. postgresql://user:password@db/kubearq")
+    return url
 
 
 class OperatorSettings(BaseSettings):
@@ -59,6 +66,23 @@ class OperatorSettings(BaseSettings):
     """Python logging level: DEBUG, INFO, WARNING or ERROR."""
     log_format: Literal["json", "text"] = "json"
     """`json`: one JSON object per line, for log collectors; `text`: plain lines for a person at a terminal."""
+    dashboard_enabled: bool = False
+    """Serve the web dashboard (kubearq.operator.console) on DASHBOARD_PORT; every user logs in with a Kubernetes bearer
+    token and each view and action is authorized by that user's own RBAC (TokenReview, then SubjectAccessReview)."""
+    dashboard_host: str = "0.0.0.0"  # noqa: S104 - reached through the operator's Service or a port-forward
+    """Address the dashboard binds."""
+    dashboard_port: Annotated[int, Field(ge=0, le=65_535)] = 8081
+    """Port of the dashboard (0: a free port); not HTTP_PORT's: probes and metrics stay unauthenticated there."""
+    dashboard_database_url: Annotated[str, AfterValidator(check_postgresql_url)] | None = Field(default=None,
+                                                                                              repr=False)
+    """PostgreSQL the workers keep failed jobs in (their DATABASE_URL), for the dashboard's failed-jobs view; unset:
+    the capped Redis store the workers keep them in without DATABASE_URL."""
+    dashboard_secure_cookie: bool | None = None
+    """Mark the login cookie `Secure` (sent over HTTPS only); unset: when the request came over HTTPS, as the
+    `X-Forwarded-Proto` of a TLS-terminating proxy says too."""
+    dashboard_auth_cache_seconds: Annotated[float, Field(ge=0, le=300)] = 10.0
+    """How long a token's TokenReview and each SubjectAccessReview answer are reused (0: ask every time); a revoked
+    token or RoleBinding takes effect within this long."""
 
     @model_validator(mode="after")
     def _lease_timings_nest(self) -> Self:

@@ -1,0 +1,598 @@
+"""The dashboard (kubearq.operator.console) over HTTP, on real Redis and PostgreSQL, and, where a token must be
+checked, on a real kube-apiserver: who may see and do what is decided by that user's own RBAC (TokenReview, then
+SubjectAccessReview), forms need the session's CSRF token, and the failed-jobs page pages by keyset at 100,000 rows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from kubearq.core.contract import function_registry_key
+from kubearq.core.failedjobs import encode_cursor
+from kubearq.demo.services import free_port
+from kubearq.operator import kube
+from kubearq.operator.actions import TRIGGER_ANNOTATION, Ask, read_ask
+from kubearq.operator.console.pages import Key, notice, scrape_row
+from kubearq.operator.console.reviews import AnswerCache
+from kubearq.operator.console.server import Console, ConsoleConfig, start_console
+from kubearq.operator.console.session import COOKIE, Origin, csrf_token
+from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES
+from kubearq.operator.main import run_operator
+from kubearq.operator.rbac import (
+    dashboard_review_rules,
+    dashboard_write_rules,
+    lease_rules,
+    operator_rules,
+    operator_user_rules,
+    viewer_rules,
+)
+from kubearq.operator.settings import OperatorSettings
+from kubearq.worker.storage import Storage
+from tests.kubernetes import KubernetesUnderTest
+from tests.test_operator import eventually
+
+T = 10.0
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+@dataclass
+class Dashboard:
+    console: Console
+    objects: dict[Key, kube.KubeObject]
+    url: str
+
+    def client(self, **options: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=T, **options)
+
+
+async def _dashboard(k8s: KubernetesUnderTest, redis: Redis, database_url: str | None = None,
+                     objects: dict[Key, kube.KubeObject] | None = None) -> Console:
+    objects = objects or {}
+    return await start_console(k8s.api, redis, lambda: objects, ConsoleConfig(queues=lambda: {"arq:queue"}),
+                               host="127.0.0.1", port=0, database_url=database_url, cache_seconds=0)
+
+
+@pytest.fixture(autouse=True)
+def _every_log_line_is_written(caplog: pytest.LogCaptureFixture) -> None:
+    """Log records are made at every level here, so a bad one (a field clashing with LogRecord's) fails a test."""
+    caplog.set_level(logging.DEBUG, logger="kubearq.operator.console")
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def dashboard(k8s: KubernetesUnderTest, redis: Redis) -> AsyncIterator[Dashboard]:
+    """The console as the operator serves it (its API client is the test's admin), over the test's objects."""
+    objects: dict[Key, kube.KubeObject] = {}
+
+    def observe(kind: str, body: kube.KubeObject) -> None:
+        metadata = body.get("metadata", {})
+        objects[(kind, str(metadata.get("namespace")), str(metadata.get("name")))] = body
+
+    console = await start_console(k8s.api, redis, lambda: objects, ConsoleConfig(queues=lambda: {"arq:queue"}),
+                                  host="127.0.0.1", port=0, cache_seconds=0, observe=observe)
+    try:
+        yield Dashboard(console, objects, f"http://127.0.0.1:{console.port}")
+    finally:
+        await console.stop()
+
+
+async def _schedule(k8s: KubernetesUnderTest, dashboard: Dashboard, name: str = "nightly") -> kube.KubeObject:
+    body = await k8s.api.create(SYNC_SCHEDULES, {
+        "apiVersion": SYNC_SCHEDULES.api_version, "kind": "SyncSchedule", "metadata": {"name": name},
+        "spec": {"schedule": "0 3 * * *", "job": {"function": "sync_connections"}}},
+        namespace=k8s.namespace, timeout=T)
+    dashboard.objects[("SyncSchedule", k8s.namespace, name)] = body
+    return body
+
+
+async def _log_in(client: httpx.AsyncClient, token: str) -> str:
+    """Log a browser-like client in through the form (the cookie); the CSRF token its pages then carry."""
+    answer = await client.post("/login", data={"token": token, "next": "/schedules"})
+    assert answer.status_code == 303, answer.text
+    page = await client.get("/schedules")
+    found = CSRF.search(page.text)
+    assert found, page.text
+    return found.group(1)
+
+
+# --- without a cluster's authentication -------------------------------------------------------------------------
+
+async def test_without_a_token_every_page_sends_you_to_the_login_page(dashboard: Dashboard) -> None:
+    async with dashboard.client() as client:
+        answer = await client.get("/failed-jobs?function=x")
+        login = await client.get(answer.headers["location"])
+    location = urlsplit(answer.headers["location"])
+    assert (answer.status_code, location.path, parse_qs(location.query)) == (
+        303, "/login", {"next": ["/failed-jobs?function=x"]})
+    assert login.status_code == 200
+    assert 'name="token"' in login.text
+    assert 'name="next" value="/failed-jobs?function=x"' in login.text
+    assert login.headers["Content-Security-Policy"].startswith("default-src 'self'")
+
+
+async def test_a_post_without_any_token_is_401_not_a_redirect(dashboard: Dashboard) -> None:
+    async with dashboard.client() as client:
+        answer = await client.post("/schedules/team-a/nightly/trigger", data={})
+    assert answer.status_code == 401
+    assert "log in first: this request carried no token" in answer.text
+
+
+async def test_login_goes_on_only_to_a_path_of_this_site(dashboard: Dashboard) -> None:
+    async with dashboard.client() as client:
+        page = await client.get("/login", params={"next": "//evil.example/steal"})
+    assert 'name="next" value="/schedules"' in page.text
+
+
+def test_a_form_from_another_origin_is_told_apart_from_our_own() -> None:
+    own = "http://127.0.0.1:8081"
+    assert Origin("http://127.0.0.1:8081", None, "same-origin").cross_site(own) is None
+    assert Origin(None, None, None).cross_site(own) is None  # then the CSRF token alone decides
+    assert Origin("https://evil.example", None, None).cross_site(own) == (
+        "it came from https://evil.example, not from the dashboard's own origin http://127.0.0.1:8081")
+    assert Origin(None, "https://evil.example/page", None).cross_site(own) is not None
+    assert Origin(None, None, "cross-site").cross_site(own) == (
+        "the browser says this request came from a cross-site page (Sec-Fetch-Site)")
+
+
+# --- on a real kube-apiserver: TokenReview and SubjectAccessReview ------------------------------------------------
+
+@pytest.mark.cluster
+async def test_a_bad_token_is_refused_with_401_and_a_message_saying_why(dashboard: Dashboard) -> None:
+    async with dashboard.client() as client:
+        form = await client.post("/login", data={"token": "eyJhbGciOiJSUzI1NiJ9.forged.token"})
+        header = await client.get("/schedules", headers={"Authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.forged"})
+    async with dashboard.client(cookies={COOKIE: "expired-or-revoked"}) as client:
+        cookie = await client.get("/schedules")
+    for answer in (form, header, cookie):
+        assert answer.status_code == 401
+        assert "the Kubernetes API did not accept this token" in answer.text
+        assert "log in again with a new one (`kubectl create token NAME`)" in answer.text
+    assert COOKIE not in form.cookies
+    assert header.headers["WWW-Authenticate"] == 'Bearer realm="kubearq"'
+
+
+@pytest.mark.cluster
+async def test_a_viewer_sees_schedules_but_a_trigger_is_403_naming_the_verb_and_resource(
+        k8s: KubernetesUnderTest, dashboard: Dashboard) -> None:
+    await _schedule(k8s, dashboard)
+    viewer = await k8s.login_as_service_account("viewer", viewer_rules())
+    async with dashboard.client() as client:
+        csrf = await _log_in(client, str(viewer.connection.token))
+        page = await client.get("/schedules")
+        answer = await client.post(f"/schedules/{k8s.namespace}/nightly/trigger", data={"csrf": csrf})
+    refusal = (f'syncschedules.kubearq.dev "nightly" is forbidden: User "{viewer.username}" cannot trigger resource '
+               f'"syncschedules" in API group "kubearq.dev" in the namespace "{k8s.namespace}"')
+    assert page.status_code == 200
+    assert f'id="schedule-{k8s.namespace}-nightly"' in page.text
+    # the button is there but refused, and says why (for the namespace: the action asks again for the object)
+    hint = refusal.replace(' "nightly"', "").replace('"', "&#34;")
+    assert f'disabled title="{hint}" id="trigger-{k8s.namespace}-nightly"' in page.text
+    assert answer.status_code == 403
+    assert refusal in answer.text.replace("&#34;", '"')
+    stored = await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=T)
+    assert TRIGGER_ANNOTATION not in (stored["metadata"].get("annotations") or {})
+
+
+@pytest.mark.cluster
+async def test_an_operator_users_trigger_patches_the_annotation_the_leader_acts_on(
+        k8s: KubernetesUnderTest, dashboard: Dashboard) -> None:
+    await _schedule(k8s, dashboard)
+    runner = await k8s.login_as_service_account("runner", operator_user_rules())
+    async with dashboard.client() as client:
+        csrf = await _log_in(client, str(runner.connection.token))
+        answer = await client.post(f"/schedules/{k8s.namespace}/nightly/trigger", data={"csrf": csrf})
+        shown = await client.get(answer.headers["location"])
+    stored = await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=T)
+    ask = read_ask(stored["metadata"].get("annotations"), TRIGGER_ANNOTATION)
+    assert answer.status_code == 303
+    assert isinstance(ask, Ask)
+    assert ask.requested_by == runner.username
+    assert datetime.now(UTC) - ask.requested_at < timedelta(minutes=1)
+    assert f"Asked to trigger {k8s.namespace}/nightly now (request {ask.id})" in shown.text
+
+
+@pytest.mark.cluster
+async def test_an_operator_user_suspends_and_resumes_and_cancels(k8s: KubernetesUnderTest,
+                                                                 dashboard: Dashboard) -> None:
+    await _schedule(k8s, dashboard)
+    scrape = await k8s.api.create(SCRAPE_REQUESTS, {
+        "apiVersion": SCRAPE_REQUESTS.api_version, "kind": "ScrapeRequest", "metadata": {"name": "events"},
+        "spec": {"urls": ["https://events.example/page/1"]}}, namespace=k8s.namespace, timeout=T)
+    dashboard.objects[("ScrapeRequest", k8s.namespace, "events")] = scrape
+    runner = await k8s.login_as_service_account("runner", operator_user_rules())
+    async with dashboard.client() as client:
+        csrf = await _log_in(client, str(runner.connection.token))
+        await client.post(f"/schedules/{k8s.namespace}/nightly/suspend", data={"csrf": csrf})
+        suspended = await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=T)
+        page = await client.get("/schedules")
+        await client.post(f"/schedules/{k8s.namespace}/nightly/resume", data={"csrf": csrf})
+        resumed = await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=T)
+        cancelled = await client.post(f"/scrapes/{k8s.namespace}/events/cancel", data={"csrf": csrf})
+    stored = await k8s.api.get(SCRAPE_REQUESTS, "events", namespace=k8s.namespace, timeout=T)
+    assert (suspended["spec"]["suspend"], resumed["spec"]["suspend"]) == (True, False)
+    assert 'id="resume-' in page.text  # the page showed it suspended at once (the answer of the patch)
+    assert cancelled.status_code == 303
+    assert "kubearq.dev/cancel" in stored["metadata"]["annotations"]
+
+
+@pytest.mark.cluster
+async def test_a_form_without_the_csrf_token_or_from_another_site_is_refused_and_changes_nothing(
+        k8s: KubernetesUnderTest, dashboard: Dashboard) -> None:
+    await _schedule(k8s, dashboard)
+    runner = await k8s.login_as_service_account("runner", operator_user_rules())
+    path = f"/schedules/{k8s.namespace}/nightly/trigger"
+    async with dashboard.client() as client:
+        csrf = await _log_in(client, str(runner.connection.token))
+        missing = await client.post(path, data={})
+        wrong = await client.post(path, data={"csrf": csrf_token("another session's token")})
+        elsewhere = await client.post(path, data={"csrf": csrf}, headers={"Origin": "https://evil.example"})
+    assert [answer.status_code for answer in (missing, wrong, elsewhere)] == [403, 403, 403]
+    assert "refused a form without this session&#39;s CSRF token" in missing.text
+    assert "refused a form sent from another site: it came from https://evil.example" in elsewhere.text
+    stored = await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=T)
+    assert TRIGGER_ANNOTATION not in (stored["metadata"].get("annotations") or {})
+
+
+@pytest.mark.cluster
+async def test_a_bearer_header_needs_no_csrf_token_a_script_is_no_browser(k8s: KubernetesUnderTest,
+                                                                          dashboard: Dashboard) -> None:
+    await _schedule(k8s, dashboard)
+    runner = await k8s.login_as_service_account("runner", operator_user_rules())
+    async with dashboard.client(headers={"Authorization": f"Bearer {runner.connection.token}"}) as client:
+        answer = await client.post(f"/schedules/{k8s.namespace}/nightly/suspend")
+    assert answer.status_code == 303
+    stored = await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=T)
+    assert stored["spec"]["suspend"] is True
+
+
+@pytest.mark.cluster
+async def test_a_user_bound_in_another_namespace_sees_none_of_these(k8s: KubernetesUnderTest,
+                                                                     dashboard: Dashboard) -> None:
+    await _schedule(k8s, dashboard)
+    outsider = await k8s.login_as_service_account("outsider", [
+        {"apiGroups": ["kubearq.dev"], "resources": ["failedjobs"], "verbs": ["get"]}])
+    async with dashboard.client(headers={"Authorization": f"Bearer {outsider.connection.token}"}) as client:
+        answer = await client.get("/schedules")
+        queues = await client.get("/queues")
+    assert answer.status_code == 403
+    assert (f'User "{outsider.username}" cannot list resource "syncschedules" in API group "kubearq.dev" '
+            "at the cluster scope") in answer.text.replace("&#34;", '"')
+    assert queues.status_code == 403
+
+
+# --- failed jobs at 100,000 rows ---------------------------------------------------------------------------------
+
+ROWS = 100_000
+NAIVE_DEEP_PAGE = "SELECT * FROM failed_jobs ORDER BY failed_at DESC, job_id DESC OFFSET 99950 LIMIT 51"
+
+
+async def _fill_failed_jobs(database_url: str, namespace: str) -> None:
+    async with Storage(database_url) as storage:
+        await storage.migrate()
+    connection = await asyncpg.connect(database_url)
+    try:
+        # One statement: 100,000 failures a second apart, over 10 functions; every 1000th of the test's namespace.
+        await connection.execute("""
+            INSERT INTO failed_jobs (job_id, function, queue, reason, error, tries, worker, failed_at,
+                                     origin_namespace, origin_kind, origin_name, kwargs)
+            SELECT 'job-' || lpad(n::text, 6, '0'), 'sync_' || (n % 10), 'arq:queue', 'Failed',
+                   'ValueError: boom ' || n, 3, 'worker-0', now() - n * interval '1 second',
+                   CASE WHEN n % 1000 = 0 THEN $1 ELSE 'elsewhere' END, 'SyncSchedule', 'nightly',
+                   '{"mode": "realtime"}'
+            FROM generate_series(1, $2) AS n""", namespace, ROWS)
+        await connection.execute("ANALYZE failed_jobs")
+    finally:
+        await connection.close()
+
+
+async def _timed(client: httpx.AsyncClient, path: str, params: dict[str, str]) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    answer = await client.get(path, params=params or None)
+    return answer, (time.perf_counter() - started) * 1000
+
+
+@pytest.mark.cluster
+async def test_the_failed_jobs_page_pages_100k_rows_by_keyset(
+        k8s: KubernetesUnderTest, redis: Redis, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    await _fill_failed_jobs(postgres_dsn, k8s.namespace)
+    console = await _dashboard(k8s, redis, postgres_dsn)
+    viewer = await k8s.login_as_service_account("viewer", viewer_rules())
+    deep = encode_cursor(await _job(console, "job-099950"))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{console.port}", timeout=T, headers={
+                "Authorization": f"Bearer {viewer.connection.token}"}) as client:
+            await client.get("/failed-jobs")  # warm: the pool's first connection, the reviews
+            first, first_ms = await _timed(client, "/failed-jobs", {})
+            second_path = re.search(r'href="\?([^"]+)" id="next-page"', first.text)
+            assert second_path is not None
+            second, second_ms = await _timed(client, "/failed-jobs?" + second_path.group(1).replace("&amp;", "&"), {})
+            by_function, function_ms = await _timed(client, "/failed-jobs", {"function": "sync_7"})
+            deep_page, deep_ms = await _timed(client, "/failed-jobs", {"after": deep})
+            by_error, error_ms = await _timed(client, "/failed-jobs", {"error": "boom 99999"})
+        keyset_ms, offset_ms = await _deep_page_queries_ms(console, deep, postgres_dsn)
+    finally:
+        await console.stop()
+    with capsys.disabled():
+        print(f"\nfailed-jobs page at {ROWS} rows, over HTTP with a TokenReview and SubjectAccessReviews: "
+              f"first {first_ms:.1f} ms, second {second_ms:.1f} ms, function filter {function_ms:.1f} ms, "
+              f"deep (row 99,951) {deep_ms:.1f} ms, error text {error_ms:.1f} ms; "
+              f"the deep page's query alone {keyset_ms:.1f} ms by keyset, {offset_ms:.1f} ms by OFFSET 99,950")
+    assert all(answer.status_code == 200 for answer in (first, second, by_function, deep_page, by_error))
+    assert _ids(first)[:2] == ["job-000001", "job-000002"]
+    assert len(_ids(first)) == 50
+    assert _ids(second)[0] == "job-000051"
+    assert len(_ids(by_function)) == 50
+    assert all(int(job_id.removeprefix("job-")) % 10 == 7 for job_id in _ids(by_function))  # sync_7's
+    assert _ids(deep_page) == [f"job-{n:06d}" for n in range(99_951, 100_001)]
+    assert _ids(by_error) == ["job-099999"]
+
+
+async def _job(console: Console, job_id: str) -> Any:
+    job = await console.failed_jobs.get(job_id)
+    assert job is not None
+    return job
+
+
+async def _deep_page_queries_ms(console: Console, cursor: str, database_url: str) -> tuple[float, float]:
+    """The same deep page read by the store (keyset) and by a naive OFFSET, best of three each."""
+    keyset, offset = [], []
+    connection = await asyncpg.connect(database_url)
+    try:
+        for _ in range(3):
+            started = time.perf_counter()
+            await console.failed_jobs.page(after=cursor, limit=50)
+            keyset.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            await connection.fetch(NAIVE_DEEP_PAGE)
+            offset.append((time.perf_counter() - started) * 1000)
+    finally:
+        await connection.close()
+    return min(keyset), min(offset)
+
+
+def _ids(answer: httpx.Response) -> list[str]:
+    return re.findall(r'<tr id="job-([^"]+)">', answer.text)
+
+
+@pytest.mark.cluster
+async def test_redrive_is_the_callers_to_decide_per_namespace(
+        k8s: KubernetesUnderTest, redis: Redis, postgres_dsn: str) -> None:
+    await _fill_failed_jobs(postgres_dsn, k8s.namespace)
+    console = await _dashboard(k8s, redis, postgres_dsn)
+    viewer = await k8s.login_as_service_account("viewer", viewer_rules())
+    runner = await k8s.login_as_service_account("runner", operator_user_rules())
+    url = f"http://127.0.0.1:{console.port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=T, headers={
+                "Authorization": f"Bearer {viewer.connection.token}"}) as client:
+            refused = await client.post("/failed-jobs/redrive", data={"job_id": "job-001000"})
+        async with httpx.AsyncClient(base_url=url, timeout=T, headers={
+                "Authorization": f"Bearer {runner.connection.token}"}) as client:
+            done = await client.post("/failed-jobs/redrive", data={"job_id": "job-001000"})
+            again = await client.post("/failed-jobs/redrive", data={"job_id": "job-001000"})
+            gone = await client.post("/failed-jobs/discard", data={"job_id": "no-such-job"})
+        kept = await console.failed_jobs.get("job-001000")
+    finally:
+        await console.stop()
+    assert refused.status_code == 403
+    assert (f'failedjobs.kubearq.dev is forbidden: User "{viewer.username}" cannot redrive resource "failedjobs" '
+            f'in API group "kubearq.dev" in the namespace "{k8s.namespace}"') in refused.text.replace("&#34;", '"')
+    assert (done.status_code, again.status_code) == (303, 303)
+    assert "redriven=1&enqueued=1" in done.headers["location"]
+    assert "redriven=1&enqueued=0" in again.headers["location"]  # idempotent: twice is one new job
+    assert kept is not None
+    assert kept.redriven_as is not None
+    assert await redis.zcard("arq:queue") == 1
+    assert gone.status_code == 404
+    assert "no failed job no-such-job is kept" in gone.text
+
+
+# --- served by the operator, on exactly its RBAC -------------------------------------------------------------------
+
+@pytest.mark.cluster
+async def test_the_operator_serves_the_dashboard_on_exactly_its_rbac(k8s: KubernetesUnderTest, redis_url: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    await k8s.api.create(SYNC_SCHEDULES, {
+        "apiVersion": SYNC_SCHEDULES.api_version, "kind": "SyncSchedule", "metadata": {"name": "nightly"},
+        "spec": {"schedule": "0 3 * * *", "job": {"function": "sync_connections"}}},
+        namespace=k8s.namespace, timeout=T)
+    operator = await k8s.login_as_service_account("kubearq-operator", [
+        *operator_rules(), *lease_rules(OperatorSettings().lease_name), *dashboard_review_rules(),
+        *dashboard_write_rules()])
+    runner = await k8s.login_as_service_account("runner", operator_user_rules())
+    port = free_port()
+    settings = OperatorSettings(redis_url=redis_url, namespace=k8s.namespace, lease_namespace=k8s.namespace,
+                                http_host="127.0.0.1", http_port=free_port(), tenancy="open",
+                                dashboard_enabled=True, dashboard_host="127.0.0.1", dashboard_port=port)
+    stop, failures = threading.Event(), list[BaseException]()
+
+    def main() -> None:
+        async def serve() -> None:
+            stopping = asyncio.Event()
+            watcher = asyncio.create_task(asyncio.to_thread(stop.wait))
+            watcher.add_done_callback(lambda _: stopping.set())
+            await run_operator(settings, operator.connection, stop=stopping, identity="solo")
+        try:
+            asyncio.run(serve())
+        except BaseException as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=main, name="operator-with-dashboard")
+    thread.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=T, headers={
+                "Authorization": f"Bearer {runner.connection.token}"}) as client:
+            page = await eventually(lambda: _listed(client, f'id="schedule-{k8s.namespace}-nightly"'),
+                                    what="the schedule on the dashboard", within=30)
+            triggered = await client.post(f"/schedules/{k8s.namespace}/nightly/trigger")
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 60)
+    assert not thread.is_alive()
+    assert failures == []
+    stored = await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=T)
+    assert 'id="trigger-' in page
+    assert triggered.status_code == 303
+    assert isinstance(read_ask(stored["metadata"].get("annotations"), TRIGGER_ANNOTATION), Ask)
+    refused = [record.getMessage() for record in caplog.records
+               if record.levelno >= logging.ERROR or "403" in record.getMessage() or "Forbidden" in record.getMessage()]
+    assert refused == []
+
+
+async def _listed(client: httpx.AsyncClient, wanted: str) -> str | None:
+    try:
+        answer = await client.get("/schedules")
+    except httpx.TransportError:
+        return None  # not serving yet
+    return answer.text if answer.status_code == 200 and wanted in answer.text else None
+
+
+@pytest.mark.cluster
+async def test_bad_input_gets_a_clear_message_and_changes_nothing(k8s: KubernetesUnderTest, redis: Redis) -> None:
+    console = await _dashboard(k8s, redis, f"postgresql://postgres@127.0.0.1:{free_port()}/gone")
+    runner = await k8s.login_as_service_account("runner", operator_user_rules())
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{console.port}", timeout=T, headers={
+                "Authorization": f"Bearer {runner.connection.token}"}) as client:
+            unknown = await client.post(f"/schedules/{k8s.namespace}/ghost/trigger")
+            cursor = await client.get("/failed-jobs", params={"after": "not-a-cursor"})
+            outage = await client.get("/failed-jobs")
+            header = await client.get("/schedules", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    finally:
+        await console.stop()
+    assert (unknown.status_code, cursor.status_code, outage.status_code, header.status_code) == (404, 400, 503, 401)
+    assert f"there is no SyncSchedule ghost in namespace {k8s.namespace}" in unknown.text
+    assert "is not a cursor a page of failed jobs returned" in cursor.text
+    assert "Redis or PostgreSQL (where queues and failed jobs are kept) did not answer" in outage.text
+    assert "the Authorization header must be `Bearer &lt;token&gt;`" in header.text
+
+
+ROLE_BINDINGS = kube.Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
+
+
+async def _bound_in_namespace(k8s: KubernetesUnderTest, name: str, rules: list[Any]) -> tuple[str, str]:
+    """A ServiceAccount given `rules` by a RoleBinding in the test's namespace only, as a team is; (user, token)."""
+    role = f"{k8s.namespace}-{name}"
+    await k8s.api.create(kube.Resource("", "v1", "serviceaccounts"), {"metadata": {"name": name}},
+                         namespace=k8s.namespace, timeout=T)
+    await k8s.create_cluster_object(kube.Resource("rbac.authorization.k8s.io", "v1", "clusterroles"),
+                                    {"metadata": {"name": role}, "rules": rules})
+    await k8s.api.create(ROLE_BINDINGS, {
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": k8s.namespace}]},
+        namespace=k8s.namespace, timeout=T)
+    async with k8s.http_client(timeout=T) as client:
+        issued = await client.post(f"/api/v1/namespaces/{k8s.namespace}/serviceaccounts/{name}/token", json={
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}})
+    issued.raise_for_status()
+    return f"system:serviceaccount:{k8s.namespace}:{name}", str(issued.json()["status"]["token"])
+
+
+@pytest.mark.cluster
+async def test_a_team_bound_in_its_namespace_sees_and_redrives_only_its_own(
+        k8s: KubernetesUnderTest, redis: Redis, postgres_dsn: str) -> None:
+    await _fill_failed_jobs(postgres_dsn, k8s.namespace)  # every 1000th job is of the test's namespace
+    console = await _dashboard(k8s, redis, postgres_dsn, objects={
+        ("SyncSchedule", namespace, "nightly"): {"metadata": {"namespace": namespace, "name": "nightly"}}
+        for namespace in (k8s.namespace, "elsewhere")})
+    user, token = await _bound_in_namespace(k8s, "team", operator_user_rules())
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{console.port}", timeout=T, headers={
+                "Authorization": f"Bearer {token}"}) as client:
+            everything = await client.get("/failed-jobs")
+            own = await client.get("/failed-jobs", params={"namespace": k8s.namespace})
+            schedules = await client.get("/schedules")
+            theirs = await client.post("/failed-jobs/redrive", data={"job_id": ["job-001000", "job-000001"]})
+            mine = await client.post("/failed-jobs/redrive", data={"job_id": "job-001000"})
+    finally:
+        await console.stop()
+    assert everything.status_code == 403
+    assert "to see one namespace&#39;s, search with Namespace set to it" in everything.text
+    assert own.status_code == 200
+    assert _ids(own)[:2] == ["job-001000", "job-002000"]
+    assert f'id="schedule-{k8s.namespace}-nightly"' in schedules.text
+    assert 'id="schedule-elsewhere-nightly"' not in schedules.text
+    assert theirs.status_code == 403  # one of them is another namespace's: nothing is re-driven
+    assert (f'User "{user}" cannot redrive resource "failedjobs" in API group "kubearq.dev" in the namespace '
+            '"elsewhere"') in theirs.text.replace("&#34;", '"')
+    assert mine.status_code == 303
+    assert "redriven=1&enqueued=1" in mine.headers["location"]  # the refused request had re-driven nothing
+    assert await redis.zcard("arq:queue") == 1
+
+
+@pytest.mark.cluster
+async def test_the_queues_page_splits_ready_running_and_deferred_and_names_the_functions_served(
+        k8s: KubernetesUnderTest, dashboard: Dashboard, redis: Redis) -> None:
+    now_ms = int(time.time() * 1000)
+    await redis.zadd("arq:queue", {"ready-1": now_ms - 5000, "ready-2": now_ms - 1000, "later": now_ms + 600_000})
+    await redis.hset(function_registry_key("arq:queue"), mapping={"sync_connections": str(time.time())})  # type: ignore[misc]
+    viewer = await k8s.login_as_service_account("viewer", viewer_rules())
+    async with dashboard.client(headers={"Authorization": f"Bearer {viewer.connection.token}"}) as client:
+        page = await client.get("/queues")
+        summary = await client.get("/summary.json")
+    row = page.text.split('<tr data-queue="arq:queue">')[1].split("</tr>")[0]
+    assert re.findall(r'data-field="(\w+)">([^<]+)<', row)[:3] == [("ready", "2"), ("running", "0"),
+                                                                   ("deferred", "1")]
+    assert "<code>sync_connections</code>" in row
+    stats = summary.json()["queues"][0]
+    assert (stats["queue"], stats["ready"], stats["running"], stats["deferred"]) == ("arq:queue", 2, 0, 1)
+    assert stats["oldest_ready_age_seconds"] >= 5
+
+
+# --- the review cache ------------------------------------------------------------------------------------------
+
+async def test_a_review_answer_is_reused_for_its_seconds_and_concurrent_misses_ask_once() -> None:
+    now = [100.0]
+    asked: list[str] = []
+    cache: AnswerCache[str] = AnswerCache(10.0, clock=lambda: now[0])
+
+    async def ask() -> str:
+        asked.append("ask")
+        await asyncio.sleep(0)
+        return f"answer {len(asked)}"
+
+    together = await asyncio.gather(*(cache.get("key", ask) for _ in range(5)))
+    now[0] += 9.9
+    reused = await cache.get("key", ask)
+    now[0] += 0.2
+    fresh = await cache.get("key", ask)
+    assert (together, reused, fresh, len(asked)) == (["answer 1"] * 5, "answer 1", "answer 2", 2)
+
+
+# --- what the pages show ----------------------------------------------------------------------------------------
+
+def test_a_crafted_link_cannot_make_the_page_say_something_else() -> None:
+    assert notice({"done": "trigger", "ns": "team-a", "name": "nightly", "ask": "20261202T101500-0a1b2c3d"}) == (
+        "Asked to trigger team-a/nightly now (request 20261202T101500-0a1b2c3d); the leader enqueues it.")
+    assert notice({"done": "trigger", "ns": "team-a", "name": "Your account is locked, call…",
+                   "ask": "20261202T101500-0a1b2c3d"}) is None
+    assert notice({"done": "discard", "discarded": "all of them"}) == "Discarded 0 failed jobs."
+    assert notice({"done": "<script>"}) is None
+
+
+def test_a_scrape_row_counts_finished_pages_of_both_kinds() -> None:
+    row = scrape_row({"metadata": {"namespace": "team-a", "name": "events"}, "status": {
+        "phase": "Running", "listingPages": {"total": 2, "done": 2},
+        "detailPages": {"total": 8, "done": 3, "failed": 1}}})
+    assert (row["finished"], row["total"], row["finished_all"], row["path"]) == (6, 10, False, "/scrapes/team-a/events")
