@@ -1,9 +1,9 @@
 """One worker-like process of the rate-limit soak test (tests/test_ratelimit.py starts several).
 
 It takes tokens from one bucket as fast as the bucket allows, the way deferred jobs would: on a refusal
-it sleeps the wait the limiter returned, then asks again. Protocol, all under the run's key prefix:
-RPUSH `<run>:ready` once connected; BLPOP `<run>:go` for the end time (epoch seconds); at the end
-RPUSH every grant's time (epoch seconds) to `<run>:grants`.
+it sleeps the wait the limiter returned (until its reserved slot), then asks again, as the same holder.
+Protocol, all under the run's key prefix: RPUSH `<run>:ready` once connected; BLPOP `<run>:go` for the end
+time (epoch seconds); at the end RPUSH every grant's time (epoch seconds) to `<run>:grants`.
 
     python tests/ratelimit_soak.py REDIS_URL RUN BUCKET_KEY REQUESTS_PER_MINUTE BURST
 """
@@ -36,7 +36,7 @@ async def soak(redis_url: str, run: str, key: str, limit: RateLimit) -> None:
         end = float(go[1])
         grants: list[float] = []
         while time.time() < end:
-            wait = await limiter.acquire(key, limit)
+            wait = await limiter.acquire(key, limit, holder=f"{run}:{os.getpid()}")
             if wait == 0.0:
                 grants.append(time.time())
             else:

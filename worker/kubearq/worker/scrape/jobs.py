@@ -2,8 +2,9 @@
 `scrape_detail` stores what a detail page holds in PostgreSQL.
 
 Each job fetches one page (`PageJob`), under the request's rate limit, retry policy and fetch policy:
-- A rate-limit wait is a `Defer`: no try spent, no slot held. It is counted in `<kind>_deferred` while the
-  job waits.
+- A rate-limit wait is a `Defer` to the slot of the token reserved for the job: no try spent, no slot held. It
+  is counted in `<kind>_deferred` while the job waits. A wait of at most `ratelimit.JOB_WAIT` (0.25 s) is slept
+  through instead: a deferral would wake it later than that.
 - A retryable fetch error with tries left is an `arq.worker.Retry` after the request's backoff; it spends a
   try, as a failure should. ARQ's own try limit is set above the CRD's maximum, so the request's
   `retry.maxTries` decides.
@@ -54,7 +55,7 @@ from kubearq.core.observability import log_context
 from kubearq.core.queueing import NewJob, Tally, enqueue_many
 from kubearq.worker.net.http import Resolver
 from kubearq.worker.net.policy import Endpoint, NetworkPolicy, redact_url
-from kubearq.worker.ratelimit import SharedRateLimiter, bucket_key
+from kubearq.worker.ratelimit import JOB_WAIT, SharedRateLimiter, bucket_key
 from kubearq.worker.runtime import Backoff, Defer, FinishScript, on_finish
 from kubearq.worker.scrape.extract import extract_css, extract_json_ld, find_links
 from kubearq.worker.scrape.fetch import (
@@ -286,7 +287,7 @@ async def _run(ctx: dict[str, Any], raw_page: dict[str, Any], kind: PageKind) ->
     with log_context(namespace=request.namespace, name=request.name, url=redact_url(job.url), page_kind=kind):
         defer: Defer
         try:
-            fetched = await _fetch(resources, job, job_try)
+            fetched = await _fetch(resources, job, job_id, job_try)
             if kind == "listing":
                 summary = await _fan_out(ctx["redis"], job, fetched)
             else:
@@ -314,8 +315,9 @@ async def _run(ctx: dict[str, Any], raw_page: dict[str, Any], kind: PageKind) ->
         raise defer
 
 
-async def _fetch(resources: ScrapeResources, job: PageJob, job_try: int) -> Page:
-    """Check the URL and robots.txt, take a rate-limit token (or defer), then fetch with the request's backend."""
+async def _fetch(resources: ScrapeResources, job: PageJob, job_id: str, job_try: int) -> Page:
+    """Check the URL and robots.txt, take a rate-limit token (sleeping up to JOB_WAIT for it, else reserving one
+    and deferring to its slot), then fetch with the request's backend."""
     settings = job.settings
     policy = settings.fetch
     timeout = try_timeout(settings.retry, job_try)
@@ -331,9 +333,9 @@ async def _fetch(resources: ScrapeResources, job: PageJob, job_try: int) -> Page
         if policy.obey_robots_txt:
             await _check_robots(fetcher, job.url, policy.user_agent, timeout)
         key = bucket_key(job.request.uid, urlsplit(job.url).hostname, settings.rate_limit.per_host)
-        wait = await resources.limiter.acquire(key, settings.rate_limit)
+        wait = await resources.limiter.acquire(key, settings.rate_limit, holder=job_id, wait_within=JOB_WAIT)
         if wait > 0:
-            raise Defer(wait, f"rate limit of {settings.rate_limit.requests_per_minute}/min")
+            raise Defer(wait, f"rate limit of {settings.rate_limit.requests_per_minute}/min, a token reserved")
         if settings.firecrawl is not None and api_key is not None:
             return await resources.firecrawl.scrape(settings.firecrawl, job.url, api_key=api_key, policy=policy,
                                                     timeout=timeout)
