@@ -20,15 +20,8 @@ from datetime import UTC, datetime, timedelta
 
 from kubearq.core.connections import create_redis
 from kubearq.core.contract import Origin
-from kubearq.core.failedjobs import (
-    FailedJob,
-    FailedJobFilter,
-    FailureReason,
-    PostgresFailedJobs,
-    Selection,
-    TryError,
-    encode_cursor,
-)
+from kubearq.core.failedjobs import FailedJob, FailedJobFilter, FailureReason, Selection, TryError, encode_cursor
+from kubearq.core.failedjobstores import PostgresFailedJobs
 from kubearq.demo.services import PostgresServer, RedisServer
 from kubearq.worker.storage import Storage
 

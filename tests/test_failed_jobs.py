@@ -23,13 +23,12 @@ from kubearq.core.failedjobs import (
     FailureReason,
     InvalidCursorError,
     Keeping,
-    PostgresFailedJobs,
-    RedisFailedJobs,
     Selection,
     TryError,
     redrive_id,
     redriven_from,
 )
+from kubearq.core.failedjobstores import PostgresFailedJobs, RedisFailedJobs
 from kubearq.core.queueing import NewJob, enqueue_many
 from kubearq.demo.services import PostgresServer
 from kubearq.worker.failures import FailureKeeper, pending_key, prune_gate_key, try_errors_key

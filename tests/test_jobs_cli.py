@@ -16,14 +16,8 @@ from arq.connections import ArqRedis
 from kubearq.cli import main
 from kubearq.core.connections import create_redis
 from kubearq.core.contract import Origin
-from kubearq.core.failedjobs import (
-    FailedJobFilter,
-    FailureReason,
-    PostgresFailedJobs,
-    RedisFailedJobs,
-    Selection,
-    redrive_id,
-)
+from kubearq.core.failedjobs import FailedJobFilter, FailureReason, Selection, redrive_id
+from kubearq.core.failedjobstores import PostgresFailedJobs, RedisFailedJobs
 from kubearq.demo.services import free_port
 from kubearq.worker.storage import Storage
 from tests.failing_jobs import BROKEN_KEY

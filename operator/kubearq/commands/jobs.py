@@ -33,13 +33,11 @@ from kubearq.core.failedjobs import (
     FailedJobFilter,
     FailedJobStore,
     InvalidCursorError,
-    PostgresFailedJobs,
-    RedisFailedJobs,
     Selection,
     decode_cursor,
-    pool_connect,
     redriven_from,
 )
+from kubearq.core.failedjobstores import PostgresFailedJobs, RedisFailedJobs, pool_connect
 from kubearq.core.queueing import JobState, job_outcomes
 
 OK, FAILED, USAGE, NOT_FOUND = 0, 1, 2, 3

@@ -36,16 +36,8 @@ from pydantic import ValidationError
 from kubearq.core.aio import stop_task, wait_or_timeout
 from kubearq.core.connections import TRANSIENT_ERRORS
 from kubearq.core.contract import CURRENT_ORIGIN, Origin, deserialize, origin_of
-from kubearq.core.failedjobs import (
-    FailedJob,
-    FailedJobStore,
-    FailureReason,
-    PostgresFailedJobs,
-    RedisFailedJobs,
-    TryError,
-    clean_error,
-    redriven_from,
-)
+from kubearq.core.failedjobs import FailedJob, FailedJobStore, FailureReason, TryError, clean_error, redriven_from
+from kubearq.core.failedjobstores import PostgresFailedJobs, RedisFailedJobs
 from kubearq.worker.metrics import WorkerMetrics
 from kubearq.worker.settings import WorkerSettings
 from kubearq.worker.storage import Backoff, Storage, StorageError, StorageUnavailableError

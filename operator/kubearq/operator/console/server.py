@@ -23,7 +23,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from kubearq.core.connections import TRANSIENT_ERRORS
-from kubearq.core.failedjobs import FailedJobStore, PostgresFailedJobs, RedisFailedJobs, pool_connect
+from kubearq.core.failedjobs import FailedJobStore
+from kubearq.core.failedjobstores import PostgresFailedJobs, RedisFailedJobs, pool_connect
 from kubearq.core.observability import PortInUseError
 from kubearq.operator.console.failedjobs import FailedJobViews
 from kubearq.operator.console.pages import Key
