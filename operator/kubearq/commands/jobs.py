@@ -1,9 +1,15 @@
 """`kubearq jobs get|failed|retry|discard`: a job by its id, and the jobs that failed for good, listed, re-driven and
 discarded without redis-cli or SQL (kubearq.core.failedjobs).
 
+`retry` and `discard` ask the operator (`--operator URL` or KUBEARQ_OPERATOR_URL: its dashboard port) as the caller,
+with their own bearer token, and the operator does them only if the caller's Kubernetes RBAC grants `redrive` or
+`discard` on `failedjobs.kubearq.dev` (kubearq.commands._operatorapi). `--direct` writes straight to Redis and
+PostgreSQL instead, for cluster admins: RBAC is then not consulted. `get` and `failed` read directly, always.
+
 Failed jobs are read where the workers keep them: in PostgreSQL with DATABASE_URL, else in Redis, the newest few
-only, which the listing says. REDIS_URL is always needed: live jobs are read there and re-driven jobs go there.
-Exit codes: 0 ok, 1 failed (Redis or PostgreSQL unreachable), 2 bad usage or settings, 3 a job not found.
+only, which the listing says. Reading (and `--direct`) needs REDIS_URL: live jobs are read there and re-driven jobs
+go there. Exit codes: 0 ok, 1 failed (Redis, PostgreSQL or the operator unreachable), 2 bad usage or settings, 3 a
+job not found, or forbidden (the operator's sentence says which verb on what).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from arq.jobs import Job, JobResult
 from redis.exceptions import RedisError
 
 from kubearq.commands import Subcommands
+from kubearq.commands._cluster import CommandError
 from kubearq.core.connections import check_redis_url, create_redis
 from kubearq.core.contract import DEFAULT_QUEUE, NAMESPACE_NAME, deserialize
 from kubearq.core.failedjobs import (
@@ -33,6 +40,7 @@ from kubearq.core.failedjobs import (
     FailedJobFilter,
     FailedJobStore,
     InvalidCursorError,
+    Redrives,
     Selection,
     decode_cursor,
     redriven_from,
@@ -46,6 +54,11 @@ ERROR_WIDTH = 60
 _DURATION = re.compile(r"^(?P<amount>\d+)(?P<unit>[smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _FILTER_FLAGS = "--function, --queue, --resource, --error or --since"
+OPERATOR_URL_ENV = "KUBEARQ_OPERATOR_URL"
+NO_ROUTE = ("say where the {action} goes: --operator URL (or KUBEARQ_OPERATOR_URL), the operator's dashboard, e.g. "
+            "http://localhost:8081 after `kubectl -n kubearq port-forward svc/kubearq-operator 8081`, which lets your "
+            "Kubernetes RBAC decide; or --direct, straight to REDIS_URL and DATABASE_URL, for cluster admins (RBAC is "
+            "then not consulted)")
 
 
 class UserError(Exception):
@@ -64,8 +77,10 @@ def register(commands: Subcommands) -> None:
         "jobs", help="show a job; list, re-drive or discard the jobs that failed for good",
         description="ARQ jobs by id, and the jobs that failed their last try (or gave up, or were refused), which "
                     "the workers keep with each try's error. REDIS_URL names the workers' Redis; DATABASE_URL their "
-                    "PostgreSQL, where they keep failed jobs (without it: in Redis, the newest few only). "
-                    "Exit codes: 0 ok, 1 failed, 2 bad usage, 3 not found.")
+                    "PostgreSQL, where they keep failed jobs (without it: in Redis, the newest few only); `get` and "
+                    "`failed` read them directly. `retry` and `discard` ask the operator as you (--operator), so that "
+                    "your Kubernetes RBAC decides, or with --direct write to Redis and PostgreSQL themselves. "
+                    "Exit codes: 0 ok, 1 failed, 2 bad usage, 3 not found or forbidden.")
     actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     get = actions.add_parser("get", help="one job: its state in Redis, and its record if it failed for good")
     get.add_argument("id", metavar="ID", help="the job's id")
@@ -78,15 +93,30 @@ def register(commands: Subcommands) -> None:
     failed.add_argument("-o", "--output", choices=("table", "wide", "json", "yaml"), default="table")
     for action, verb in (("retry", "re-drive: run again with fresh tries under a new id linked to the old one"),
                          ("discard", "discard: forget them")):
-        selecting = actions.add_parser(action, help=f"{verb.partition(':')[0]} failed jobs",
-                                       description=f"{verb.capitalize()}. Give their ids, or --all-matching and "
-                                                   "filters (every failed job: --all-matching --yes).")
+        selecting = actions.add_parser(
+            action, help=f"{verb.partition(':')[0]} failed jobs",
+            description=f"{verb.capitalize()}. Give their ids, or --all-matching and filters (every failed job: "
+                        "--all-matching --yes). Asked of the operator as you (--operator or KUBEARQ_OPERATOR_URL, "
+                        "with your kubeconfig user's bearer token or --token): it acts only if your Kubernetes RBAC "
+                        f"grants the verb {'redrive' if action == 'retry' else 'discard'} on failedjobs.kubearq.dev "
+                        "in the namespace of each job's resource (cluster-wide for a job of no resource, and for "
+                        "--all-matching without --resource). Or --direct.")
         selecting.add_argument("ids", nargs="*", metavar="ID", help="ids of failed jobs")
         selecting.add_argument("--all-matching", action="store_true",
                                help="every failed job the filters match, not the ids")
         selecting.add_argument("--yes", action="store_true",
                                help="with --all-matching and no filter: yes, every failed job")
         _add_filters(selecting)
+        selecting.add_argument("--operator", metavar="URL",
+                               help=f"the operator's dashboard (default: ${OPERATOR_URL_ENV}), e.g. "
+                                    "http://localhost:8081 after `kubectl -n kubearq port-forward "
+                                    "svc/kubearq-operator 8081`; it checks your token and your RBAC")
+        selecting.add_argument("--token", help="the bearer token to send the operator (default: the kubeconfig "
+                                               "user's; `kubectl create token NAME` issues one)")
+        selecting.add_argument("--direct", action="store_true",
+                               help="for cluster admins: write straight to the workers' Redis (REDIS_URL) and "
+                                    "PostgreSQL (DATABASE_URL), not through the operator. Kubernetes RBAC is then "
+                                    "not consulted: whoever has those URLs may")
     jobs.set_defaults(handler=run)
 
 
@@ -105,7 +135,7 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_run(args))
-    except UserError as error:
+    except (UserError, CommandError) as error:
         print(f"kubearq jobs {args.action}: {error}", file=sys.stderr)
         return error.code
 
@@ -165,6 +195,21 @@ def selection(args: argparse.Namespace, now: datetime) -> Selection:
     if not args.ids:
         raise UserError(f"give the ids of the failed jobs to {args.action}, or --all-matching with filters")
     return Selection.of(*args.ids)
+
+
+def write_route(args: argparse.Namespace) -> str | None:
+    """Where `retry`/`discard` go: the operator's URL (--operator, else KUBEARQ_OPERATOR_URL), or None with --direct
+    (which, being explicit, wins over the variable)."""
+    if args.direct:
+        if args.operator is not None:
+            raise UserError("give --operator or --direct, not both")
+        if args.token is not None:
+            raise UserError("--token is sent to the operator; --direct uses REDIS_URL and DATABASE_URL, no token")
+        return None
+    url = args.operator if args.operator is not None else os.environ.get(OPERATOR_URL_ENV) or None
+    if url is None:
+        raise UserError(NO_ROUTE.format(action=args.action))
+    return str(url)
 
 
 def check_cursor(cursor: str | None) -> None:
@@ -298,6 +343,9 @@ async def _run(args: argparse.Namespace) -> int:
             return await list_failed(services, where, args)
     if args.action in ("retry", "discard"):
         chosen = selection(args, now)
+        url = write_route(args)
+        if url is not None:
+            return await through_operator(args.action, chosen, url, args.token)
         async with connected(args.action) as services:
             return await (retry(services, chosen) if args.action == "retry" else discard(services, chosen))
     async with connected(args.action) as services:
@@ -365,34 +413,89 @@ async def live_job(redis: ArqRedis, job_id: str, queue: str) -> dict[str, object
     return shown
 
 
-async def retry(services: Connected, chosen: Selection) -> int:
-    redrives = await services.store.redrive(chosen)
+@dataclass(frozen=True)
+class Report:
+    """What `retry` or `discard` says: lines for stdout, lines for stderr, and the exit code."""
+
+    out: list[str]
+    err: list[str]
+    code: int
+
+    def say(self) -> int:
+        for line in self.out:
+            print(line)
+        for line in self.err:
+            print(line, file=sys.stderr)
+        return self.code
+
+
+def retry_report(redrives: Redrives, *, by_ids: bool) -> Report:
+    """What a re-drive did, by id (or in counts, for all matching), whether it ran here or in the operator."""
     enqueued = set(redrives.enqueued)
-    if chosen.job_ids is None:
+    if not by_ids:
         before = len(redrives.new_job_ids) - len(enqueued)
-        print(f"re-drove {len(enqueued)} failed job{'s' if len(enqueued) != 1 else ''}; {before} re-driven before"
-              f", {len(redrives.not_runnable)} undecodable")
-        return OK
-    for old, new in redrives.new_job_ids.items():
-        print(f"re-drove {old} as {new}" if new in enqueued else f"{old} was re-driven before, as {new}")
-    for old in redrives.not_runnable:
-        print(f"{old} cannot be re-driven: it was not a job kubearq can decode (`kubearq jobs get {old}` says where "
-              "its bytes are)", file=sys.stderr)
-    for old in redrives.not_found:
-        print(f"kubearq jobs retry: no failed job {old!r} is kept", file=sys.stderr)
-    return NOT_FOUND if redrives.not_found else FAILED if redrives.not_runnable else OK
+        return Report([f"re-drove {len(enqueued)} failed job{'s' if len(enqueued) != 1 else ''}; {before} re-driven "
+                       f"before, {len(redrives.not_runnable)} undecodable"], [], OK)
+    out = [f"re-drove {old} as {new}" if new in enqueued else f"{old} was re-driven before, as {new}"
+           for old, new in redrives.new_job_ids.items()]
+    err = [f"{old} cannot be re-driven: it was not a job kubearq can decode (`kubearq jobs get {old}` says where its "
+           "bytes are)" for old in redrives.not_runnable]
+    err += [f"kubearq jobs retry: no failed job {old!r} is kept" for old in redrives.not_found]
+    return Report(out, err, NOT_FOUND if redrives.not_found else FAILED if redrives.not_runnable else OK)
+
+
+def discard_report(discarded: Sequence[str], removed: int, missing: Sequence[str], *, by_ids: bool) -> Report:
+    """What a discard did: the ids found and discarded (`removed` of them went; fewer: another discard was quicker),
+    and those not found; for all matching, how many went."""
+    if not by_ids:
+        return Report([f"discarded {removed} failed job{'s' if removed != 1 else ''}"], [], OK)
+    return Report([f"discarded {job_id}" for job_id in discarded],
+                  [f"kubearq jobs discard: no failed job {job_id!r} is kept" for job_id in missing],
+                  NOT_FOUND if missing or removed < len(discarded) else OK)
+
+
+async def retry(services: Connected, chosen: Selection) -> int:
+    return retry_report(await services.store.redrive(chosen), by_ids=chosen.job_ids is not None).say()
 
 
 async def discard(services: Connected, chosen: Selection) -> int:
     if chosen.job_ids is None:
-        removed = await services.store.discard(chosen)
-        print(f"discarded {removed} failed job{'s' if removed != 1 else ''}")
-        return OK
+        return discard_report([], await services.store.discard(chosen), [], by_ids=False).say()
     found = [job.job_id for job in await services.store.get_many(chosen.job_ids)]
     removed = await services.store.discard(Selection.of(*found)) if found else 0
-    for job_id in found:
-        print(f"discarded {job_id}")
     missing = [job_id for job_id in dict.fromkeys(chosen.job_ids) if job_id not in found]
-    for job_id in missing:
-        print(f"kubearq jobs discard: no failed job {job_id!r} is kept", file=sys.stderr)
-    return NOT_FOUND if missing or removed < len(found) else OK
+    return discard_report(found, removed, missing, by_ids=True).say()
+
+
+async def through_operator(action: str, chosen: Selection, url: str, token: str | None) -> int:
+    """`retry`/`discard` asked of the operator as the caller; it answers what it did, or why the caller may not."""
+    # Here: `get` and `failed` need not load the console's modules (aiohttp).
+    from kubearq.commands._operatorapi import ask, caller_token, operator_url, sends_token_in_clear
+    from kubearq.operator.console.failedjobs import MAX_SELECTED, ApiFilter, FailedJobsRequest
+
+    url = operator_url(url)
+    if chosen.job_ids is not None and len(set(chosen.job_ids)) > MAX_SELECTED:
+        raise UserError(f"at most {MAX_SELECTED} ids at once through the operator: select more with --all-matching "
+                        f"and {_FILTER_FLAGS}")
+    bearer = caller_token(token)
+    if sends_token_in_clear(url):
+        print(f"note: sending your bearer token unencrypted to {url}: prefer https://, or a port-forward to "
+              "localhost", file=sys.stderr)
+    if chosen.job_ids is not None:
+        asked = FailedJobsRequest(job_ids=list(dict.fromkeys(chosen.job_ids)))
+    else:
+        where = chosen.where.model_dump(exclude_none=True) if chosen.where is not None else {}
+        asked = FailedJobsRequest(where=ApiFilter(**where))
+    try:
+        answer = await ask(url, bearer, "redrive" if action == "retry" else "discard", asked)
+    except CommandError as error:
+        if error.code == NOT_FOUND and chosen.job_ids is None and "at the cluster scope" in str(error):
+            raise CommandError(f"{error}; to {action} one namespace's failed jobs, add --resource NAMESPACE",
+                               error.code) from None
+        raise
+    by_ids = chosen.job_ids is not None
+    if action == "retry":
+        return retry_report(Redrives(new_job_ids=answer.redriven, enqueued=answer.enqueued,
+                                     not_runnable=answer.not_runnable, not_found=answer.not_found),
+                            by_ids=by_ids).say()
+    return discard_report(answer.discarded, answer.discarded_count, answer.not_found, by_ids=by_ids).say()
