@@ -1,17 +1,21 @@
 """The dashboard (kubearq.operator.console) over HTTP, on real Redis and PostgreSQL, and, where a token must be
 checked, on a real kube-apiserver: who may see and do what is decided by that user's own RBAC (TokenReview, then
-SubjectAccessReview), forms need the session's CSRF token, and the failed-jobs page pages by keyset at 100,000 rows."""
+SubjectAccessReview), forms need the session's CSRF token, and the failed-jobs page pages by keyset at 100,000 rows;
+schedules show their next ticks as the leader will fire them (DST included), the workers page what real worker processes
+publish with their heartbeats (a killed one shown gone), and a job's page the outcome of a re-drive."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,12 +24,17 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from kubearq.commands.schedule import fire_times
+from kubearq.core.connections import create_redis
+from kubearq.core.contract import Origin as JobOrigin
 from kubearq.core.contract import function_registry_key
 from kubearq.core.failedjobs import encode_cursor
-from kubearq.demo.services import free_port
+from kubearq.core.failedjobstores import PostgresFailedJobs
+from kubearq.core.workers import WORKERS_KEY, WorkerBeat, decode, encode, list_workers, publish, worker_key
+from kubearq.demo.services import RedisServer, free_port
 from kubearq.operator import kube
 from kubearq.operator.actions import TRIGGER_ANNOTATION, Ask, read_ask
-from kubearq.operator.console.pages import Key, notice, scrape_row
+from kubearq.operator.console.pages import Key, fire_preview, notice, schedule_row, scrape_row
 from kubearq.operator.console.reviews import AnswerCache
 from kubearq.operator.console.server import Console, ConsoleConfig, start_console
 from kubearq.operator.console.session import COOKIE, Origin, csrf_token
@@ -41,8 +50,11 @@ from kubearq.operator.rbac import (
 )
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.storage import Storage
+from tests.failing_jobs import BROKEN_KEY
 from tests.kubernetes import KubernetesUnderTest
+from tests.test_failed_jobs import arq_result, enqueue, keeping_worker, kept_job
 from tests.test_operator import eventually
+from tests.test_runtime import running_worker, worker_process
 
 T = 10.0
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -273,10 +285,13 @@ async def test_a_user_bound_in_another_namespace_sees_none_of_these(k8s: Kuberne
     async with dashboard.client(headers={"Authorization": f"Bearer {outsider.connection.token}"}) as client:
         answer = await client.get("/schedules")
         queues = await client.get("/queues")
+        workers = await client.get("/workers")
     assert answer.status_code == 403
     assert (f'User "{outsider.username}" cannot list resource "syncschedules" in API group "kubearq.dev" '
             "at the cluster scope") in answer.text.replace("&#34;", '"')
-    assert queues.status_code == 403
+    assert (queues.status_code, workers.status_code) == (403, 403)
+    assert (f'User "{outsider.username}" cannot list resource "queues" in API group "kubearq.dev" at the cluster '
+            "scope") in workers.text.replace("&#34;", '"')
 
 
 # --- failed jobs at 100,000 rows ---------------------------------------------------------------------------------
@@ -596,3 +611,202 @@ def test_a_scrape_row_counts_finished_pages_of_both_kinds() -> None:
         "phase": "Running", "listingPages": {"total": 2, "done": 2},
         "detailPages": {"total": 8, "done": 3, "failed": 1}}})
     assert (row["finished"], row["total"], row["finished_all"], row["path"]) == (6, 10, False, "/scrapes/team-a/events")
+
+
+# --- schedules: when they fire next, and the ticks they did not run -------------------------------------------------
+
+def test_the_preview_is_the_operators_own_ticks_in_the_schedules_zone_with_the_dst_change_marked() -> None:
+    before_spring_forward = datetime(2026, 3, 27, 12, 0, tzinfo=UTC)
+
+    preview = fire_preview("30 2 * * *", "Europe/Berlin", before_spring_forward)
+
+    assert [(tick["local"], tick["note"]) for tick in preview] == [
+        ("2026-03-28 02:30 CET", ""),
+        ("2026-03-29 03:00 CEST", "UTC offset now +02:00 (CEST)"),  # 02:30 does not exist that night: once, at 03:00
+        ("2026-03-30 02:30 CEST", ""), ("2026-03-31 02:30 CEST", ""), ("2026-04-01 02:30 CEST", "")]
+    # the same ticks `kubearq schedule preview` prints
+    cli = fire_times("30 2 * * *", "Europe/Berlin", before_spring_forward, 5)
+    assert [datetime.fromisoformat(tick["utc"]) for tick in preview] == [
+        datetime.fromisoformat(tick["utc"].replace("Z", "+00:00")) for tick in cli]
+    assert [tick["note"] for tick in preview] == [tick["note"] for tick in cli]
+
+
+def test_a_schedule_the_leader_would_refuse_shows_why_instead_of_a_preview() -> None:
+    row = schedule_row({"metadata": {"namespace": "team-a", "name": "typo"},
+                        "spec": {"schedule": "0 25 * * *", "timeZone": "Europe/Berlin"}}, datetime.now(UTC))
+    zone = schedule_row({"metadata": {"namespace": "team-a", "name": "zone"},
+                         "spec": {"schedule": "0 3 * * *", "timeZone": "Mars/Olympus"}}, datetime.now(UTC))
+    assert (row["preview"], row["preview_error"]) == ([], "'0 25 * * *' is not a valid cron expression (bad hour); "
+                                                          "e.g. '*/15 * * * *' (every 15 minutes), '0 3 * * *' "
+                                                          "(daily 03:00) or '@daily'")
+    assert zone["preview_error"].startswith("'Mars/Olympus' is not an IANA time zone")
+
+
+@pytest.mark.cluster
+async def test_the_schedules_page_shows_the_next_five_ticks_and_the_skipped_and_missed_counts(
+        k8s: KubernetesUnderTest, dashboard: Dashboard) -> None:
+    every_other_month: kube.KubeObject = {"metadata": {"namespace": k8s.namespace, "name": "bimonthly", "uid": "u-1"},
+                         "spec": {"schedule": "0 12 1 */2 *", "timeZone": "Europe/Berlin", "jitterSeconds": 600,
+                                  "job": {"function": "sync_connections"}},
+                         "status": {"skippedTicks": 2, "missedTicks": 3}}
+    dashboard.objects[("SyncSchedule", k8s.namespace, "bimonthly")] = every_other_month
+    viewer = await k8s.login_as_service_account("viewer", viewer_rules())
+    async with dashboard.client(headers={"Authorization": f"Bearer {viewer.connection.token}"}) as client:
+        page = await client.get("/schedules")
+    expected = fire_preview("0 12 1 */2 *", "Europe/Berlin", datetime.now(UTC))
+    row = page.text.split(f'<tr id="schedule-{k8s.namespace}-bimonthly">')[1].split("</tr>")[0]
+    shown = re.findall(r'<li><time datetime="([^"]+)"[^>]*>([^<]+)</time>(?: <span class="tag dst">([^<]+)</span>)?',
+                       row)
+    assert shown == [(tick["utc"], tick["local"], tick["note"]) for tick in expected]
+    # six ticks a year, three in summer time: any five of them cross a change of the UTC offset
+    assert any(tick["note"] for tick in expected)
+    assert re.findall(r'data-field="(skipped|missed)">(\d+) ', row) == [("skipped", "2"), ("missed", "3")]
+    assert "jitter up to 600 s" in row
+
+
+# --- workers -----------------------------------------------------------------------------------------------------
+
+def _beat(identity: str = "worker-a", *, beat_at: float, interval: float = 5.0) -> WorkerBeat:
+    return WorkerBeat(identity=identity, instance="0a1b2c3d", queue="arq:queue", functions=("echo", "noop"),
+                      in_flight=1, max_jobs=16, running=("job-1",), draining=False, beat_at=beat_at,
+                      interval=interval, started_at=beat_at - 60)
+
+
+def test_a_worker_record_reads_back_as_written_and_is_gone_after_three_of_its_intervals() -> None:
+    beat = _beat(beat_at=1000.0)
+    assert decode({key.encode(): value.encode() for key, value in encode(beat).items()}) == beat
+    assert (beat.gone(1015.0), beat.gone(1015.1)) == (False, True)
+    with pytest.raises(ValueError, match=r"^a worker record not written by this kubearq: no field 'queue'$"):
+        decode({key: value for key, value in encode(beat).items() if key != "queue"})
+
+
+async def test_listing_workers_reads_the_set_of_worker_ids_never_the_keyspace(redis_private: RedisServer) -> None:
+    redis = create_redis(redis_private.url)
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for number in range(20_000):  # jobs and results: what a busy Redis holds
+                pipe.set(f"arq:job:job-{number}", "{}")
+            now = time.time()
+            for identity in ("worker-a", "worker-b", "worker-c"):
+                publish(pipe, _beat(identity, beat_at=now))
+            await pipe.execute()
+        await redis.config_resetstat()
+        workers = await list_workers(redis)
+        calls = {name.removeprefix("cmdstat_"): stats["calls"]
+                 for name, stats in (await redis.info("commandstats")).items()}
+    finally:
+        await redis.aclose()
+    assert sorted(beat.identity for beat in workers.beats) == ["worker-a", "worker-b", "worker-c"]
+    assert {name: count for name, count in calls.items() if name not in ("config|resetstat",)} == {
+        "zrevrange": 1, "hgetall": 3}
+
+
+@pytest.mark.cluster
+async def test_the_workers_page_shows_what_each_serves_and_runs_and_a_killed_one_as_gone(
+        k8s: KubernetesUnderTest, dashboard: Dashboard, redis: Redis, redis_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "worker-doomed")
+    viewer = await k8s.login_as_service_account("viewer", viewer_rules())
+    async with dashboard.client(headers={"Authorization": f"Bearer {viewer.connection.token}"}) as client:
+        with worker_process(redis_url, tmp_path / "worker.log") as doomed:  # heartbeats every second
+            arq = create_redis(redis_url)
+            try:
+                await arq.enqueue_job("sleep_then_record", 60.0, _job_id="long-report")
+            finally:
+                await arq.aclose()
+            serving = await eventually(lambda: _worker_row(client, "worker-doomed", "1 / 16"), within=30,
+                                       what="the worker running its job on the page")
+            queues = await client.get("/queues")
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(timeout=10)
+        killed_at = time.monotonic()
+        gone = await eventually(lambda: _worker_row(client, "worker-doomed", 'data-state="gone"'), within=15,
+                                what="the killed worker shown as gone")
+        gone_after = time.monotonic() - killed_at
+        summary = (await client.get("/summary.json")).json()  # what the open page refreshes itself from
+    assert 'data-state="serving"' in serving
+    assert "<code>arq:queue</code>" in serving
+    assert all(f"<code>{name}</code>" in serving for name in ("sleep_then_record", "echo", "always_fails"))
+    assert '<a href="/job?id=long-report&amp;queue=arq%3Aqueue"><code>long-report</code></a>' in serving
+    assert "every 1 s" in serving
+    assert re.search(r'data-field="workers"><a href="/workers">1</a>', queues.text)
+    assert gone_after < 3 * 1 + 3  # three missed heartbeats, and the slack of a second's poll
+    assert "1 / 16" in gone  # as it last said
+    assert [(worker["queue"], worker["state"], worker["in_flight"]) for worker in summary["workers"]] == [
+        ("arq:queue", "gone", 1)]
+
+
+@pytest.mark.cluster
+async def test_a_worker_that_stops_cleanly_leaves_the_workers_page(
+        k8s: KubernetesUnderTest, dashboard: Dashboard, redis: Redis, redis_url: str) -> None:
+    viewer = await k8s.login_as_service_account("viewer", viewer_rules())
+    async with dashboard.client(headers={"Authorization": f"Bearer {viewer.connection.token}"}) as client:
+        async with running_worker(redis_url, pod_name="worker-a") as service:
+            listed = await eventually(lambda: _worker_row(client, "worker-a", 'data-state="serving"'),
+                                      what="the worker on the page")
+            worker_id = f"worker-a:{service.worker.instance}"
+        page = await client.get("/workers")
+    assert 'data-state="serving"' in listed
+    assert "worker-a" not in page.text
+    assert "No worker has sent a heartbeat lately." in page.text
+    assert (await redis.exists(worker_key(worker_id)), await redis.zscore(WORKERS_KEY, worker_id)) == (0, None)
+
+
+async def _worker_row(client: httpx.AsyncClient, identity: str, wanted: str) -> str | None:
+    """The row of the worker `identity` on /workers, once it holds `wanted`."""
+    page = await client.get("/workers")
+    assert page.status_code == 200, page.text
+    found = re.search(rf'<tr id="worker-{re.escape(identity)}:[0-9a-f]+".*?</tr>', page.text, re.DOTALL)
+    return found.group(0) if found and wanted in found.group(0) else None
+
+
+# --- a job's page: a re-drive's outcome ----------------------------------------------------------------------------
+
+@pytest.mark.cluster
+async def test_a_redriven_jobs_page_shows_it_succeed_for_whoever_may_see_its_namespaces_failed_jobs(
+        k8s: KubernetesUnderTest, redis: Redis, redis_url: str, postgres_dsn: str) -> None:
+    origin = JobOrigin(namespace=k8s.namespace, kind="SyncSchedule", name="nightly")
+    async with Storage(postgres_dsn) as storage:
+        await storage.migrate()
+    arq = create_redis(redis_url)
+    await arq.set(BROKEN_KEY, 1)
+    await enqueue(arq, "nightly-report", "flaky", origin=origin, report="nightly")
+    console = await _dashboard(k8s, redis, postgres_dsn)
+    _, token = await _bound_in_namespace(k8s, "team", operator_user_rules())
+    everywhere = await k8s.login_as_service_account("viewer", viewer_rules())
+    outsider, outsider_token = await _bound_in_namespace(k8s, "outsider", [
+        {"apiGroups": ["kubearq.dev"], "resources": ["syncschedules"], "verbs": ["get", "list"]}])
+    url = f"http://127.0.0.1:{console.port}"
+    try:
+        async with keeping_worker(redis_url, postgres_dsn), \
+                httpx.AsyncClient(base_url=url, timeout=T, headers={"Authorization": f"Bearer {token}"}) as client:
+            assert isinstance(console.failed_jobs, PostgresFailedJobs)
+            await kept_job(console.failed_jobs, "nightly-report")
+            await arq.delete(BROKEN_KEY)  # the cause is fixed
+            redriven = await client.post("/failed-jobs/redrive", data={"job_id": "nightly-report"})
+            assert redriven.status_code == 303, redriven.text
+            listing = await client.get("/failed-jobs", params={"namespace": k8s.namespace})
+            link = re.search(r'<a href="(/job\?id=[^"]+)" class="redriven-as">', listing.text)
+            assert link, listing.text
+            new_id = parse_qs(urlsplit(link.group(1).replace("&amp;", "&")).query)["id"][0]
+            await arq_result(arq, new_id)
+            page = await client.get(link.group(1).replace("&amp;", "&"))
+            unknown = await client.get("/job", params={"id": "no-such-job"})
+        async with httpx.AsyncClient(base_url=url, timeout=T,
+                                     headers={"Authorization": f"Bearer {outsider_token}"}) as client:
+            refused = await client.get("/job", params={"id": new_id})
+        async with httpx.AsyncClient(base_url=url, timeout=T, headers={
+                "Authorization": f"Bearer {everywhere.connection.token}"}) as client:
+            not_known = await client.get("/job", params={"id": "no-such-job"})
+    finally:
+        await console.stop()
+        await arq.aclose()
+    assert re.search(r'id="job-state">Succeeded<', page.text)
+    assert '<a href="/failed-jobs?id=nightly-report" id="redrive-source"><code>nightly-report</code></a>' in page.text
+    assert f"SyncSchedule {k8s.namespace}/nightly" in page.text
+    assert unknown.status_code == 403  # a job of no known namespace is for cluster-wide eyes only
+    assert refused.status_code == 403
+    assert (f'User "{outsider}" cannot get resource "failedjobs" in API group "kubearq.dev" in the namespace '
+            f'"{k8s.namespace}"') in refused.text.replace("&#34;", '"')
+    assert not_known.status_code == 404
+    assert "no job no-such-job is known: not queued, no result kept" in not_known.text

@@ -47,7 +47,8 @@ from kubearq.operator.actions import (
     new_ask_id,
     suspend_patch,
 )
-from kubearq.operator.cron import check_schedule, iter_ticks, load_time_zone
+from kubearq.operator.cron import check_schedule, load_time_zone
+from kubearq.operator.cron import fire_times as cron_fire_times
 from kubearq.operator.kube import KubeObject, Resource
 from kubearq.operator.resources import GROUP, VERSION
 from kubearq.operator.scheduler import manual_job_id, plan_backfill, tick_job_id
@@ -142,19 +143,8 @@ def parse_time(text: str, flag: str, zone_name: str, now: datetime) -> datetime:
 def fire_times(expression: str, zone_name: str, start: datetime, count: int) -> list[dict[str, str]]:
     """The next `count` ticks after `start`, each with its local time, UTC time and a note when the UTC offset
     changes (a DST transition between it and the tick before)."""
-    zone = load_time_zone(zone_name)
-    offset = start.astimezone(zone).utcoffset()
-    found = []
-    for tick in iter_ticks(expression, zone_name, start):
-        local = tick.astimezone(zone)
-        note = ""
-        if local.utcoffset() != offset:
-            note = f"UTC offset now {local.strftime('%z')[:3]}:{local.strftime('%z')[3:]} ({local.tzname()})"
-            offset = local.utcoffset()
-        found.append({"local": local.isoformat(), "utc": rfc3339(tick), "note": note})
-        if len(found) >= count:
-            break
-    return found
+    return [{"local": tick.isoformat(), "utc": rfc3339(tick), "note": note}
+            for tick, note in cron_fire_times(expression, zone_name, start, count)]
 
 
 async def preview(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
+from itertools import islice
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
@@ -76,3 +77,19 @@ def iter_ticks(schedule: str, time_zone: str, after: datetime) -> Iterator[datet
 
 def next_tick(schedule: str, time_zone: str, after: datetime) -> datetime:
     return next(iter_ticks(schedule, time_zone, after))
+
+
+def fire_times(schedule: str, time_zone: str, after: datetime, count: int) -> list[tuple[datetime, str]]:
+    """The next `count` fire times after `after` (as `iter_ticks` gives them, in the schedule's time zone), each
+    with a note where its UTC offset differs from the one before (or from `after`'s, for the first): a DST change
+    in between, e.g. "UTC offset now +02:00 (CEST)"; else ""."""
+    offset = after.astimezone(load_time_zone(time_zone)).utcoffset()
+    found = []
+    for tick in islice(iter_ticks(schedule, time_zone, after), count):
+        note = ""
+        if tick.utcoffset() != offset:
+            sign = tick.strftime("%z")
+            note = f"UTC offset now {sign[:3]}:{sign[3:]} ({tick.tzname()})"
+            offset = tick.utcoffset()
+        found.append((tick, note))
+    return found

@@ -16,6 +16,8 @@ What ARQ alone does, and what changes here:
 - A Redis outage ends its main loop; here the loop logs, counts and reconnects with backoff.
 - A failed job's result is gone after keep_result; here every job that fails for good is kept with each try's
   error, to re-drive or discard (kubearq.worker.failures, kubearq.core.failedjobs).
+- ARQ's health check says only that some worker of a queue is alive; here each heartbeat also publishes this
+  worker's record (identity, functions, jobs in flight) for the dashboard (kubearq.core.workers).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -47,8 +50,9 @@ from kubearq.core.contract import (
 )
 from kubearq.core.failedjobs import FailureReason
 from kubearq.core.observability import log_context
+from kubearq.core.workers import WorkerBeat, publish, withdraw, worker_id_of
 from kubearq.worker.admission import JobRefused, origin_fields, refusal, refused_result, stamp_current_origin
-from kubearq.worker.failures import FORGET_TRIES, KEEP_FAILED, FailureKeeper, describe, try_errors_key
+from kubearq.worker.failures import FORGET_TRIES, KEEP_FAILED, FailureKeeper, describe, try_errors_key, worker_identity
 from kubearq.worker.metrics import WorkerMetrics
 from kubearq.worker.settings import WorkerSettings
 
@@ -315,6 +319,9 @@ class KubearqWorker(Worker):
         self._on_finish: OnFinish = {}
         self.ctx[ON_FINISH] = self._on_finish
         self.redis_available = True
+        self.identity = worker_identity(settings)
+        self.instance = secrets.token_hex(4)  # two processes of one identity are two workers
+        self.started_at = time.time()
 
     # --- decoding -------------------------------------------------------------------------------------
 
@@ -406,6 +413,15 @@ class KubearqWorker(Worker):
 
     # --- crash recovery --------------------------------------------------------------------------------
 
+    def beat(self, now: float) -> WorkerBeat:
+        """This worker as its heartbeat at `now` publishes it (kubearq.core.workers)."""
+        return WorkerBeat(
+            identity=self.identity, instance=self.instance, queue=self.queue_name, functions=tuple(self.functions),
+            in_flight=self.job_counter, max_jobs=self.max_jobs,
+            running=tuple(job_id for job_id, task in self.tasks.items() if not task.done()),
+            draining=self._stopping, beat_at=now, interval=self.settings.heartbeat_interval,
+            started_at=self.started_at)
+
     async def _heartbeat_loop(self) -> None:
         registry = function_registry_key(self.queue_name)
         while not self._closing.is_set():
@@ -414,9 +430,10 @@ class KubearqWorker(Worker):
                     ttl_ms = int(self.in_progress_timeout_s * 1000)
                     for job_id in list(self.tasks):
                         pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
-                    now = int(time.time())
-                    pipe.hset(registry, mapping=dict.fromkeys(self.functions, now))
+                    now = time.time()
+                    pipe.hset(registry, mapping=dict.fromkeys(self.functions, int(now)))
                     pipe.expire(registry, FUNCTION_REGISTRY_SECONDS)
+                    publish(pipe, self.beat(now))
                     await pipe.execute()
             except TRANSIENT_ERRORS as error:
                 self.metrics.errors.labels("heartbeat").inc()
@@ -529,12 +546,15 @@ class KubearqWorker(Worker):
         if not self._pool:
             return
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        logger.debug("removing the health-check key")
+        logger.debug("removing the health-check key and this worker's record")
         try:
-            await self.pool.delete(self.health_check_key)
+            async with self.pool.pipeline(transaction=False) as pipe:
+                pipe.delete(self.health_check_key)
+                withdraw(pipe, worker_id_of(self.identity, self.instance))
+                await pipe.execute()
         except TRANSIENT_ERRORS as error:
             self.metrics.errors.labels("close").inc()
-            logger.warning("could not remove the health-check key on close: %s", error)
+            logger.warning("could not remove the health-check key and this worker's record on close: %s", error)
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)
         logger.debug("closing the Redis pool")

@@ -1,4 +1,4 @@
-"""The dashboard's HTTP server (aiohttp, already the operator's probe server): log in, the four views, the actions.
+"""The dashboard's HTTP server (aiohttp, already the operator's probe server): log in, the views, the actions.
 
 Every request is authenticated (TokenReview) and each view and action authorized (SubjectAccessReview) as the caller;
 an authorized action is then carried out as the operator: a patch through the API server that the leader acts on

@@ -1,5 +1,6 @@
-"""The views of the two kinds and of the queues: schedules (trigger, suspend, resume), scrape requests (cancel) and
-queue statistics; each authorized as the caller, each action carried out as the operator (kubearq.operator.actions)."""
+"""The views of the two kinds and of the queues: schedules (trigger, suspend, resume), scrape requests (cancel), queue
+statistics, the workers serving them and one job's state; each authorized as the caller, each action carried out as
+the operator (kubearq.operator.actions)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from typing import TYPE_CHECKING, cast
 from urllib.parse import urlencode
 
 from aiohttp import web
+from arq.constants import job_key_prefix
 
-from kubearq.core.contract import function_registry_key
+from kubearq.core.contract import deserialize, function_registry_key, origin_of
+from kubearq.core.failedjobs import redriven_from
 from kubearq.core.observability import log_context
+from kubearq.core.queueing import JobOutcome, JobState, job_outcomes
+from kubearq.core.workers import GONE_AFTER_BEATS, list_workers
 from kubearq.operator.actions import (
     CANCEL_ANNOTATION,
     TRIGGER_ANNOTATION,
@@ -24,12 +29,20 @@ from kubearq.operator.actions import (
     new_ask_id,
     suspend_patch,
 )
-from kubearq.operator.console.pages import listed, namespaces_of, notice, schedule_row, scrape_row
+from kubearq.operator.console.pages import (
+    listed,
+    live_workers_by_queue,
+    namespaces_of,
+    notice,
+    schedule_row,
+    scrape_row,
+    worker_row,
+)
 from kubearq.operator.console.reviews import ForbiddenError, Permission
 from kubearq.operator.console.session import SECURITY_HEADERS, Refused
 from kubearq.operator.kube import KubeObject, NotFoundError, Resource
 from kubearq.operator.queuestats import QueueStats, queue_stats
-from kubearq.operator.rbac import QUEUES
+from kubearq.operator.rbac import FAILED_JOBS, QUEUES
 from kubearq.operator.resources import GROUP, VERSION
 
 if TYPE_CHECKING:
@@ -40,6 +53,7 @@ logger = logging.getLogger(__name__)
 SYNC_SCHEDULES = Resource(GROUP, VERSION, "syncschedules")
 SCRAPE_REQUESTS = Resource(GROUP, VERSION, "scraperequests")
 API_TIMEOUT = 10.0
+MAX_JOB_ID = 512
 
 
 class ResourceViews:
@@ -55,6 +69,8 @@ class ResourceViews:
         router.add_post("/scrapes/{namespace}/{name}/cancel", self._cancel)
         router.add_get("/queues", self._queues)
         router.add_get("/summary.json", self._summary)
+        router.add_get("/workers", self._workers)
+        router.add_get("/job", self._job)
 
     async def visible_namespaces(self, session: Session, resource: str, kind: str) -> set[str] | None:
         """The namespaces whose `resource` the caller may list (None: all); ForbiddenError if none."""
@@ -87,7 +103,8 @@ class ResourceViews:
         session = await self.console.session(request)
         objects, truncated, choices, namespace, search = await self._listing(request, session, "syncschedules",
                                                                              "SyncSchedule")
-        rows = [schedule_row(body) for body in objects]
+        now = datetime.now(UTC)
+        rows = [schedule_row(body, now) for body in objects]
         rights = await self.console.buttons(session, "syncschedules", ("trigger", "suspend"),
                                             {row["namespace"] for row in rows})
         for row in rows:
@@ -172,11 +189,87 @@ class ResourceViews:
     async def _queues(self, request: web.Request) -> web.Response:
         session = await self.console.session(request)
         stats = await self.queue_table(session)
+        workers = live_workers_by_queue((await list_workers(self.console.redis)).beats, time.time())
         return self.console.render("queues.html", user=session.user, csrf=session.csrf, active="/queues",
-                                   queues=stats, served=await self.served_functions([item.queue for item in stats]))
+                                   queues=stats, served=await self.served_functions([item.queue for item in stats]),
+                                   workers=workers)
+
+    async def _workers(self, request: web.Request) -> web.Response:
+        """Every worker whose record has not expired, as the queues are: for whoever may list `queues`."""
+        session = await self.console.session(request)
+        await self.console.reviews.require(session.user, Permission("list", QUEUES))
+        workers = await list_workers(self.console.redis)
+        now = time.time()
+        rows = sorted((worker_row(beat, now) for beat in workers.beats),
+                      key=lambda row: (row["queue"], row["identity"], row["instance"]))
+        return self.console.render("workers.html", user=session.user, csrf=session.csrf, active="/workers",
+                                   rows=rows, truncated=workers.truncated, unreadable=workers.unreadable,
+                                   gone_after=GONE_AFTER_BEATS)
+
+    async def _job(self, request: web.Request) -> web.Response:
+        """One job's state (queued, running, succeeded, ...), e.g. a re-drive's: for whoever may get the failed jobs
+        of its namespace (its origin's, or its re-drive source's; cluster-wide for a job of no resource)."""
+        session = await self.console.session(request)
+        job_id = request.query.get("id", "").strip()
+        if not job_id or len(job_id) > MAX_JOB_ID:
+            raise web.HTTPBadRequest(text=f"give the job's id (at most {MAX_JOB_ID} characters): /job?id=<job id>")
+        kept = await self.console.failed_jobs.get(job_id)
+        source_id = redriven_from(job_id)
+        source = await self.console.failed_jobs.get(source_id) if source_id else None
+        raw = await self.console.redis.get(job_key_prefix + job_id)
+        payload = _payload(raw)
+        record = kept or source
+        origin = (origin_of(payload) if payload else None) or (record.origin if record else None)
+        await self.console.reviews.require(session.user, Permission("get", FAILED_JOBS,
+                                                                    origin.namespace if origin else ""))
+        known = sorted(self.console.config.queues())
+        asked = request.query.get("queue", "")  # only a queue the operator knows: no probing of other keys
+        queues = [record.queue] if record else [asked] if asked in known else known
+        outcome = await self._outcome(job_id, queues)
+        if outcome.state is JobState.UNKNOWN and record is None and raw is None:
+            raise Refused(self.console.error_page(
+                404, "Not Found", f"no job {job_id} is known: not queued, no result kept (results are kept for "
+                "KEEP_RESULT, an hour by default) and not a failed job", session, back="/failed-jobs"))
+        function = str(payload.get("f", "")) if payload else (record.function if record else "")
+        return self.console.render(
+            "job.html", user=session.user, csrf=session.csrf, active="/failed-jobs", job_id=job_id,
+            state=outcome.state.value, error=outcome.error,
+            finished=_when_ms(outcome.finished_ms), function=function, queue=queues[0] if len(queues) == 1 else "",
+            origin=origin, kept=kept, source_id=source_id if source else None)
+
+    async def _outcome(self, job_id: str, queues: list[str]) -> JobOutcome:
+        """The job's state on the first of `queues` that knows it (a result is found on any)."""
+        outcome = JobOutcome(JobState.UNKNOWN)
+        for queue in queues:
+            outcome = (await job_outcomes(self.console.redis, queue, [job_id]))[job_id]
+            if outcome.state is not JobState.UNKNOWN:
+                break
+        return outcome
 
     async def _summary(self, request: web.Request) -> web.Response:
+        """What the queues and workers pages refresh themselves from: one request, whatever the number of jobs."""
         session = await self.console.session(request)
         stats = await self.queue_table(session)
-        return web.json_response({"queues": [asdict(item) for item in stats]}, headers=SECURITY_HEADERS)
+        now = time.time()
+        workers = [{field: row[field] for field in ("id", "queue", "state", "in_flight", "max_jobs", "heard")}
+                   for row in (worker_row(beat, now) for beat in (await list_workers(self.console.redis)).beats)]
+        return web.json_response({"queues": [asdict(item) for item in stats], "workers": workers},
+                                 headers=SECURITY_HEADERS)
 
+
+
+def _payload(raw: bytes | None) -> dict[str, object] | None:
+    """ARQ's job payload, if it is one this kubearq can read (a page shows what it can, not an error)."""
+    if raw is None:
+        return None
+    try:
+        return deserialize(raw)
+    except ValueError:
+        logger.debug("dashboard: a job payload that is not JSON", exc_info=True)
+        return None
+
+
+def _when_ms(milliseconds: int | None) -> str:
+    if milliseconds is None:
+        return ""
+    return datetime.fromtimestamp(milliseconds / 1000, UTC).replace(microsecond=0).isoformat()
