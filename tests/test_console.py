@@ -10,7 +10,6 @@ import asyncio
 import logging
 import re
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ from kubearq.operator.console.reviews import AnswerCache
 from kubearq.operator.console.server import Console, ConsoleConfig, start_console
 from kubearq.operator.console.session import COOKIE, Origin, csrf_token
 from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES
-from kubearq.operator.main import run_operator
 from kubearq.operator.rbac import (
     dashboard_review_rules,
     dashboard_write_rules,
@@ -52,6 +50,7 @@ from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.storage import Storage
 from tests.failing_jobs import BROKEN_KEY
 from tests.kubernetes import KubernetesUnderTest
+from tests.operator_thread import operator_in_thread
 from tests.test_failed_jobs import arq_result, enqueue, keeping_worker, kept_job
 from tests.test_operator import eventually
 from tests.test_runtime import running_worker, worker_process
@@ -439,32 +438,12 @@ async def test_the_operator_serves_the_dashboard_on_exactly_its_rbac(k8s: Kubern
     settings = OperatorSettings(redis_url=redis_url, namespace=k8s.namespace, lease_namespace=k8s.namespace,
                                 http_host="127.0.0.1", http_port=free_port(), tenancy="open",
                                 dashboard_enabled=True, dashboard_host="127.0.0.1", dashboard_port=port)
-    stop, failures = threading.Event(), list[BaseException]()
-
-    def main() -> None:
-        async def serve() -> None:
-            stopping = asyncio.Event()
-            watcher = asyncio.create_task(asyncio.to_thread(stop.wait))
-            watcher.add_done_callback(lambda _: stopping.set())
-            await run_operator(settings, operator.connection, stop=stopping, identity="solo")
-        try:
-            asyncio.run(serve())
-        except BaseException as error:
-            failures.append(error)
-
-    thread = threading.Thread(target=main, name="operator-with-dashboard")
-    thread.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=T, headers={
-                "Authorization": f"Bearer {runner.connection.token}"}) as client:
-            page = await eventually(lambda: _listed(client, f'id="schedule-{k8s.namespace}-nightly"'),
-                                    what="the schedule on the dashboard", within=30)
-            triggered = await client.post(f"/schedules/{k8s.namespace}/nightly/trigger")
-    finally:
-        stop.set()
-        await asyncio.to_thread(thread.join, 60)
-    assert not thread.is_alive()
-    assert failures == []
+    async with (operator_in_thread(settings, operator.connection),
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=T, headers={
+                    "Authorization": f"Bearer {runner.connection.token}"}) as client):
+        page = await eventually(lambda: _listed(client, f'id="schedule-{k8s.namespace}-nightly"'),
+                                what="the schedule on the dashboard", within=30)
+        triggered = await client.post(f"/schedules/{k8s.namespace}/nightly/trigger")
     stored = await k8s.api.get(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=T)
     assert 'id="trigger-' in page
     assert triggered.status_code == 303

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -33,13 +32,13 @@ from kubearq.operator.actions import TRIGGER_ANNOTATION, Ask, read_ask
 from kubearq.operator.console.pages import Key
 from kubearq.operator.console.server import Console, ConsoleConfig, start_console
 from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES
-from kubearq.operator.main import run_operator
 from kubearq.operator.rbac import operator_user_rules, viewer_rules
 from kubearq.operator.scheduler import manual_job_id
 from kubearq.operator.settings import OperatorSettings
 from kubearq.worker.storage import Storage
 from tests.failing_jobs import BROKEN_KEY
 from tests.kubernetes import KubernetesUnderTest
+from tests.operator_thread import operator_in_thread
 from tests.test_failed_jobs import arq_result, enqueue, keeping_worker, kept_job
 from tests.test_operator import eventually
 from tests.test_runtime import running_worker
@@ -247,29 +246,8 @@ async def operator_serving_the_dashboard(k8s: KubernetesUnderTest, redis_url: st
                                 http_host="127.0.0.1", http_port=free_port(), tenancy="open", status_interval=0.5,
                                 dashboard_enabled=True, dashboard_host="127.0.0.1", dashboard_port=port,
                                 dashboard_auth_cache_seconds=0)
-    stop, failures = threading.Event(), list[BaseException]()
-
-    def main() -> None:
-        async def serve() -> None:
-            stopping = asyncio.Event()
-            watcher = asyncio.create_task(asyncio.to_thread(stop.wait))
-            watcher.add_done_callback(lambda _: stopping.set())
-            await run_operator(settings, k8s.connection, stop=stopping, identity="solo")
-        try:
-            asyncio.run(serve())
-        except BaseException as error:
-            failures.append(error)
-
-    thread = threading.Thread(target=main, name="operator-with-dashboard")
-    thread.start()
-    try:
+    async with operator_in_thread(settings, k8s.connection):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop.set()
-        await asyncio.to_thread(thread.join, 60)
-        assert not thread.is_alive(), "the operator did not stop"
-        if failures:
-            raise failures[0]
 
 
 # --- a user triggers a schedule and sees its run -------------------------------------------------------------
