@@ -194,7 +194,7 @@ async def test_a_status_write_is_checked_against_the_status_schema(k8s: Kubernet
         ('<nil>', NOT_CHECKED),
     }
     assert written['status']['runs'] == [{'jobId': 'j1', 'scheduledTime': '2025-01-01T00:00:00Z',
-                                          'outcome': 'Queued'}]  # defaulted
+                                          'outcome': 'Queued', 'trigger': 'Scheduled'}]  # defaulted
     assert written['status']['activeCount'] == 0
 
 

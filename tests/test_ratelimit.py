@@ -800,4 +800,7 @@ async def test_pages_waiting_for_a_token_are_deferred_about_once_each(
     print(f"\n{pages} pages at {limit.requests_per_minute}/min, burst {burst}, two workers: {deferred} deferrals")
     assert progress == {"listing_total": 1, "listing_done": 1, "detail_total": len(details),
                         "detail_done": len(details)}
-    assert deferred <= pages
+    # About one deferral per waiting page (27 at burst 1, 22-24 at burst 5 on a quiet machine; 66 at burst 1 in
+    # the full suite on two busy cores, where jobs wake later). Telling every waiter the next token made them a
+    # herd: 334-465 for these 31 pages. The bound keeps the two apart without timing the machine.
+    assert deferred <= 4 * pages
