@@ -7,6 +7,7 @@ publish with their heartbeats (a killed one shown gone), and a job's page the ou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import signal
@@ -33,7 +34,15 @@ from kubearq.core.workers import WORKERS_KEY, WorkerBeat, decode, encode, list_w
 from kubearq.demo.services import RedisServer, free_port
 from kubearq.operator import kube
 from kubearq.operator.actions import TRIGGER_ANNOTATION, Ask, read_ask
-from kubearq.operator.console.pages import Key, fire_preview, notice, schedule_row, scrape_row
+from kubearq.operator.console.pages import (
+    Key,
+    fire_preview,
+    notice,
+    schedule_row,
+    scrape_row,
+    throughput_by_queue,
+    worker_row,
+)
 from kubearq.operator.console.reviews import AnswerCache
 from kubearq.operator.console.server import Console, ConsoleConfig, start_console
 from kubearq.operator.console.session import COOKIE, Origin, csrf_token
@@ -659,6 +668,16 @@ def test_a_worker_record_reads_back_as_written_and_is_gone_after_three_of_its_in
         decode({key: value for key, value in encode(beat).items() if key != "queue"})
 
 
+def test_a_queues_throughput_is_what_its_live_workers_finished_a_minute() -> None:
+    live = [dataclasses.replace(_beat(identity, beat_at=1000.0), per_minute=rate)
+            for identity, rate in (("worker-a", 120.0), ("worker-b", 30.0))]
+    gone = dataclasses.replace(_beat("worker-c", beat_at=900.0), per_minute=500.0)  # its last word, long ago
+    other = dataclasses.replace(_beat("worker-d", beat_at=1000.0), queue="reports", per_minute=6.0)
+    assert throughput_by_queue([*live, gone, other], now=1001.0) == {"arq:queue": 150.0, "reports": 6.0}
+    assert worker_row(gone, 1001.0)["per_minute"] == "-"
+    assert worker_row(live[0], 1001.0)["per_minute"] == "120"
+
+
 async def test_listing_workers_reads_the_set_of_worker_ids_never_the_keyspace(redis_private: RedisServer) -> None:
     redis = create_redis(redis_private.url)
     try:
@@ -709,6 +728,7 @@ async def test_the_workers_page_shows_what_each_serves_and_runs_and_a_killed_one
     assert '<a href="/job?id=long-report&amp;queue=arq%3Aqueue"><code>long-report</code></a>' in serving
     assert "every 1 s" in serving
     assert re.search(r'data-field="workers"><a href="/workers">1</a>', queues.text)
+    assert re.search(r'<td data-field="per-minute">\d+</td>', queues.text)
     assert gone_after < 3 * 1 + 3  # three missed heartbeats, and the slack of a second's poll
     assert "1 / 16" in gone  # as it last said
     assert [(worker["queue"], worker["state"], worker["in_flight"]) for worker in summary["workers"]] == [

@@ -23,11 +23,13 @@ from arq.jobs import Job, JobStatus
 
 from kubearq.core.connections import create_redis
 from kubearq.core.contract import deserialize, function_registry_key
+from kubearq.core.workers import WorkerBeat, list_workers
 from kubearq.demo.services import RedisServer, free_port
 from kubearq.worker.main import JobSet, WorkerService, load_user_jobs
 from kubearq.worker.runtime import DEAD_LETTER_PREFIX
 from kubearq.worker.settings import WorkerSettings
 from tests.crd_rules import REPO
+from tests.kubernetes import eventually
 from tests.polling import until
 
 FAST = {"poll_delay": 0.01, "retry_backoff": 0.02, "retry_backoff_max": 0.05, "heartbeat_interval": 0.5,
@@ -348,3 +350,26 @@ async def test_a_claim_skips_jobs_in_progress_elsewhere_not_yet_due_and_beyond_f
         assert await redis.exists("arq:in-progress:a", "arq:in-progress:b") == 2
         assert not await redis.exists("arq:in-progress:c", "arq:in-progress:later")
         await asyncio.gather(*worker.tasks.values())
+
+
+async def test_each_heartbeat_publishes_the_jobs_finished_and_the_rate_since_the_one_before(
+        redis: ArqRedis, redis_url: str) -> None:
+    # What the dashboard's Done / min shows: the jobs a worker finished over its last heartbeat interval.
+    for number in range(12):
+        await redis.enqueue_job("noop", _job_id=f"rate-{number}")
+    seen: list[WorkerBeat] = []
+
+    async def beat_with(finished: int, *, rate: bool) -> WorkerBeat | None:
+        beats = (await list_workers(redis)).beats
+        seen.extend(beats)
+        return next((beat for beat in beats if beat.finished == finished and (beat.per_minute > 0) == rate), None)
+
+    async with running_worker(redis_url):  # a heartbeat every 0.5 s
+        first = await eventually(lambda: beat_with(12, rate=True))  # the heartbeat counting the 12 jobs, and a rate
+        idle = await eventually(lambda: beat_with(12, rate=False))  # one after them, idle
+    assert first is not None
+    assert idle is not None
+    # the first heartbeat to count all 12 finished at least the last of them within its 0.5 s interval
+    assert first.per_minute >= 60 / 0.5
+    assert idle.per_minute == 0.0
+    assert all(beat.finished <= 12 for beat in seen)

@@ -53,6 +53,10 @@ class WorkerBeat:
     interval: float
     """Seconds between its heartbeats."""
     started_at: float
+    finished: int = 0
+    """Jobs it finished since it started (succeeded, or failed for good)."""
+    per_minute: float = 0.0
+    """Jobs it finished a minute over its last heartbeat interval: its throughput now."""
 
     @property
     def worker_id(self) -> str:
@@ -86,7 +90,7 @@ def encode(beat: WorkerBeat) -> dict[str, str]:
         "functions": json.dumps(list(beat.functions)), "in_flight": str(beat.in_flight),
         "max_jobs": str(beat.max_jobs), "running": json.dumps(list(beat.running[:RUNNING_SHOWN])),
         "draining": "1" if beat.draining else "0", "beat_at": repr(beat.beat_at), "interval": repr(beat.interval),
-        "started_at": repr(beat.started_at),
+        "started_at": repr(beat.started_at), "finished": str(beat.finished), "per_minute": repr(beat.per_minute),
     }
 
 
@@ -115,7 +119,8 @@ def decode(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> WorkerBeat:
             identity=field("identity"), instance=field("instance"), queue=field("queue"),
             functions=names("functions"), in_flight=int(field("in_flight")), max_jobs=int(field("max_jobs")),
             running=names("running"), draining=field("draining") == "1", beat_at=float(field("beat_at")),
-            interval=float(field("interval")), started_at=float(field("started_at")))
+            interval=float(field("interval")), started_at=float(field("started_at")),
+            finished=int(field("finished")), per_minute=float(field("per_minute")))
     except ValueError as error:
         raise ValueError(f"a worker record not written by this kubearq: {error}") from None
 

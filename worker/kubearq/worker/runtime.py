@@ -322,6 +322,7 @@ class KubearqWorker(Worker):
         self.identity = worker_identity(settings)
         self.instance = secrets.token_hex(4)  # two processes of one identity are two workers
         self.started_at = time.time()
+        self._last_beat = (self.started_at, 0)  # (time, jobs finished) at the last heartbeat: its throughput
 
     # --- decoding -------------------------------------------------------------------------------------
 
@@ -414,13 +415,18 @@ class KubearqWorker(Worker):
     # --- crash recovery --------------------------------------------------------------------------------
 
     def beat(self, now: float) -> WorkerBeat:
-        """This worker as its heartbeat at `now` publishes it (kubearq.core.workers)."""
+        """This worker as its heartbeat at `now` publishes it (kubearq.core.workers), its throughput measured since
+        the heartbeat before."""
+        finished = self.jobs_complete + self.jobs_failed
+        since, finished_then = self._last_beat
+        per_minute = (finished - finished_then) * 60 / (now - since) if now > since else 0.0
+        self._last_beat = (now, finished)
         return WorkerBeat(
             identity=self.identity, instance=self.instance, queue=self.queue_name, functions=tuple(self.functions),
             in_flight=self.job_counter, max_jobs=self.max_jobs,
             running=tuple(job_id for job_id, task in self.tasks.items() if not task.done()),
             draining=self._stopping, beat_at=now, interval=self.settings.heartbeat_interval,
-            started_at=self.started_at)
+            started_at=self.started_at, finished=finished, per_minute=max(0.0, per_minute))
 
     async def _heartbeat_loop(self) -> None:
         registry = function_registry_key(self.queue_name)

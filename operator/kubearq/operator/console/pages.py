@@ -114,7 +114,8 @@ def worker_row(beat: WorkerBeat, now: float) -> dict[str, Any]:
     return {
         "id": beat.worker_id, "identity": beat.identity, "instance": beat.instance, "queue": beat.queue,
         "functions": sorted(beat.functions), "in_flight": beat.in_flight, "max_jobs": beat.max_jobs,
-        "running": list(beat.running), "interval": beat.interval,
+        "running": list(beat.running), "interval": beat.interval, "finished": beat.finished,
+        "per_minute": f"{beat.per_minute:.0f}" if not gone else "-",
         "state": "gone" if gone else "draining" if beat.draining else "serving",
         "heartbeat": datetime.fromtimestamp(beat.beat_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "heard": f"{duration(beat.age(now))} ago", "up": duration(max(0.0, beat.beat_at - beat.started_at)),
@@ -128,6 +129,15 @@ def live_workers_by_queue(beats: Iterable[WorkerBeat], now: float) -> dict[str, 
         if not beat.gone(now):
             counts[beat.queue] = counts.get(beat.queue, 0) + 1
     return counts
+
+
+def throughput_by_queue(beats: Iterable[WorkerBeat], now: float) -> dict[str, float]:
+    """Per queue, the jobs its workers not gone finished a minute, over each one's last heartbeat interval."""
+    rates: dict[str, float] = {}
+    for beat in beats:
+        if not beat.gone(now):
+            rates[beat.queue] = rates.get(beat.queue, 0.0) + beat.per_minute
+    return rates
 
 
 def duration(seconds: float) -> str:

@@ -36,6 +36,7 @@ from kubearq.operator.console.pages import (
     notice,
     schedule_row,
     scrape_row,
+    throughput_by_queue,
     worker_row,
 )
 from kubearq.operator.console.reviews import ForbiddenError, Permission
@@ -189,10 +190,11 @@ class ResourceViews:
     async def _queues(self, request: web.Request) -> web.Response:
         session = await self.console.session(request)
         stats = await self.queue_table(session)
-        workers = live_workers_by_queue((await list_workers(self.console.redis)).beats, time.time())
+        beats, now = (await list_workers(self.console.redis)).beats, time.time()
         return self.console.render("queues.html", user=session.user, csrf=session.csrf, active="/queues",
                                    queues=stats, served=await self.served_functions([item.queue for item in stats]),
-                                   workers=workers)
+                                   workers=live_workers_by_queue(beats, now),
+                                   throughput=throughput_by_queue(beats, now))
 
     async def _workers(self, request: web.Request) -> web.Response:
         """Every worker whose record has not expired, as the queues are: for whoever may list `queues`."""
@@ -251,10 +253,13 @@ class ResourceViews:
         session = await self.console.session(request)
         stats = await self.queue_table(session)
         now = time.time()
-        workers = [{field: row[field] for field in ("id", "queue", "state", "in_flight", "max_jobs", "heard")}
-                   for row in (worker_row(beat, now) for beat in (await list_workers(self.console.redis)).beats)]
-        return web.json_response({"queues": [asdict(item) for item in stats], "workers": workers},
-                                 headers=SECURITY_HEADERS)
+        beats = (await list_workers(self.console.redis)).beats
+        workers = [{field: row[field] for field in ("id", "queue", "state", "in_flight", "max_jobs", "heard",
+                                                    "per_minute")}
+                   for row in (worker_row(beat, now) for beat in beats)]
+        throughput = throughput_by_queue(beats, now)
+        queues = [{**asdict(item), "per_minute": round(throughput.get(item.queue, 0.0))} for item in stats]
+        return web.json_response({"queues": queues, "workers": workers}, headers=SECURITY_HEADERS)
 
 
 

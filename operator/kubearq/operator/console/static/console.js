@@ -19,6 +19,7 @@
         state.className = `tag state-${worker.state}`;
         row.querySelector('[data-field="in-flight-count"]').textContent = `${worker.in_flight} / ${worker.max_jobs}`;
         row.querySelector('[data-field="heard"]').textContent = worker.heard;
+        row.querySelector('[data-field="per-minute"]').textContent = worker.per_minute;
       }
       for (const stats of summary.queues) {
         const row = table.querySelector(`tr[data-queue="${CSS.escape(stats.queue)}"]`);
@@ -27,6 +28,7 @@
         row.querySelector('[data-field="running"]').textContent = stats.running;
         row.querySelector('[data-field="deferred"]').textContent = stats.deferred;
         row.querySelector('[data-field="oldest"]').textContent = stats.oldest_ready_age_seconds.toFixed(1) + " s";
+        row.querySelector('[data-field="per-minute"]').textContent = stats.per_minute;
         row.querySelector('[data-field="workers"] a').textContent = serving[stats.queue] || 0;
       }
     } catch (error) {
