@@ -310,8 +310,19 @@ def sync(rows: int, connections: int) -> Callable[[StepContext, Reporter], None]
     return run
 
 
+def status_writes(schedules: int, minutes: int, period: float) -> Callable[[StepContext, Reporter], None]:
+    def run(context: StepContext, out: Reporter) -> None:
+        from bench import status_writes as bench  # starts its own kube-apiserver from KUBEBUILDER_ASSETS
+
+        bench.step(schedules, minutes, period)(context, out)
+
+    return run
+
+
 # --- The plan -------------------------------------------------------------------------------------------
 
+STATUS_WRITES_QUICK = ("not run with --quick: it starts a real kube-apiserver and runs twice, unthrottled and "
+                       "throttled (`python -m bench.status_writes --quick` alone takes about a minute)")
 SCHEDULER_QUICK = ("not run with --quick: each size waits for minute ticks on the real clock (about 3 min at 1,000 "
                    "schedules); the full run measures 1,000, 10,000 and 100,000")
 
@@ -329,6 +340,7 @@ def plan(quick: bool) -> list[Step]:
             Step("metrics-scrape", "/metrics, 10,000 jobs over 10 queues", 2, 60, metrics_scrape(10_000)),
             Step("rerun-delay", "re-run after SIGKILL, IN_PROGRESS_TTL 3 s", 8, 90, rerun_delay(3, 1)),
             Step("sync", "sync compaction and fan-out, 10,000 rows", 3, 90, sync(10_000, 100)),
+            Step("status-writes", "status writes under API Priority and Fairness", 0, 0, skipped=STATUS_WRITES_QUICK),
         ]
     return [
         Step("bulk-enqueue", "bulk enqueue, 10,000 jobs", 90, 600, bulk_enqueue(10_000, 3)),
@@ -341,6 +353,8 @@ def plan(quick: bool) -> list[Step]:
         Step("metrics-scrape", "/metrics, 100,000 jobs over 10 queues", 20, 600, metrics_scrape(100_000)),
         Step("rerun-delay", "re-run after SIGKILL, IN_PROGRESS_TTL 20 s", 35, 300, rerun_delay(None, None)),
         Step("sync", "sync compaction and fan-out, 1,000,000 rows", 90, 1200, sync(1_000_000, 10_000)),
+        Step("status-writes", "status writes as a ServiceAccount under APF, 1,000 schedules", 200, 900,
+             status_writes(1_000, 4, 10.0)),
     ]
 
 

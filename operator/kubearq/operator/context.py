@@ -1,4 +1,5 @@
-"""What every reconciler is handed: the API, Redis, metrics, settings, the clock and the leader fence."""
+"""What every reconciler is handed: the API, Redis, metrics, settings, the clock, the leader fence and the
+status write budget."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from kubearq.operator.batching import EnqueueBatcher, OutcomeReader
-from kubearq.operator.kube import EVENTS, KubeApi, KubeObject, Resource
+from kubearq.operator.kube import EVENTS, KubeApi, KubeObject, Resource, asks_to_slow_down
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.resources import GROUP, VERSION
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.tenancy import TenancyState
+from kubearq.operator.writer import WriteBudget
 
 logger = logging.getLogger(__name__)
 SYNC_SCHEDULES = Resource(GROUP, VERSION, "syncschedules")
@@ -54,10 +56,14 @@ class OperatorContext:
     """Enqueues of many schedules due together, one script call per queue."""
     outcomes: OutcomeReader = field(init=False)
     """Run outcomes of many schedules, one pipeline per queue."""
+    status_budget: WriteBudget = field(init=False)
+    """Every status write spends a token (STATUS_WRITE_QPS, STATUS_WRITE_BURST); a 429 slows it down."""
 
     def __post_init__(self) -> None:
         self.enqueuer = EnqueueBatcher(self.redis)
         self.outcomes = OutcomeReader(self.redis)
+        self.status_budget = WriteBudget(self.settings.status_write_qps, self.settings.status_write_burst,
+                                         on_rate=self.metrics.set_status_write_rate)
 
     async def post_event(self, obj: KubeObject, reason: str, message: str, *, warning: bool = False) -> None:
         """A Kubernetes Event on the resource (what `kubectl describe` shows)."""
@@ -77,9 +83,12 @@ class OperatorContext:
             "source": {"component": FIELD_MANAGER},
             "reportingComponent": FIELD_MANAGER,
         }
+        sent_at = self.status_budget.now()
         try:
             await self.api.create(EVENTS, event, namespace=namespace, timeout=API_TIMEOUT)
         except Exception as error:  # an Event is a courtesy: never let it break reconciliation
             self.metrics.count_error("post_event")
+            if asks_to_slow_down(error):  # the same ServiceAccount's flow: the status writes slow down too
+                self.status_budget.throttled(sent_at, getattr(error, "retry_after", None), str(error))
             logger.warning("could not post event %s on %s/%s: %s", reason, namespace,
                                                 metadata.get("name"), error)

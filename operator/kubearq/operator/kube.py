@@ -9,7 +9,9 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import email.utils
 import json
+import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Literal, NamedTuple, Self, TypedDict, cast
@@ -89,14 +91,20 @@ EVENTS = Resource('', 'v1', 'events')
 
 
 class ApiError(Exception):
-    """The API refused a request; `reason` and `message` come from its `Status` object."""
+    """The API refused a request; `reason` and `message` come from its `Status` object, `retry_after` (seconds)
+    from its `Retry-After` header or else the Status's `details.retryAfterSeconds` (None when it asked neither)."""
 
-    def __init__(self, code: int, reason: str, message: str, details: JsonObject | None = None) -> None:
+    def __init__(self, code: int, reason: str, message: str, details: JsonObject | None = None, *,
+                 retry_after: float | None = None) -> None:
         super().__init__(f'{code} {reason}: {message}')
         self.code = code
         self.reason = reason
         self.message = message
         self.details: JsonObject = details or {}
+        if retry_after is None:
+            asked = self.details.get('retryAfterSeconds')
+            retry_after = float(asked) if isinstance(asked, int | float) and asked > 0 else None
+        self.retry_after = retry_after
 
 
 class ConflictError(ApiError):
@@ -119,6 +127,29 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, ApiError):
         return error.code == 429 or error.code >= 500
     return isinstance(error, (TimeoutError, httpx.TransportError))
+
+
+def asks_to_slow_down(error: BaseException) -> bool:
+    """The API server throttled the request: 429 (API Priority and Fairness, max-in-flight), or any answer that
+    carries a Retry-After. A client should send less after it, not try the same again at once."""
+    return isinstance(error, ApiError) and (error.code == 429 or error.retry_after is not None)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds a `Retry-After` header asks for (RFC 9110: delay-seconds or an HTTP-date); None if absent/unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = moment.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds) if seconds == seconds else None  # NaN is no answer
+
+
 _MERGE_PATCH = 'application/merge-patch+json'
 _JSON_PATCH = 'application/json-patch+json'
 
@@ -300,16 +331,18 @@ def _api_error(response: httpx.Response) -> ApiError:
         body = response.json()
     except ValueError:
         body = None
+    # The header first, as kopf and client-go read it; the Status's retryAfterSeconds is the older way.
+    retry_after = parse_retry_after(response.headers.get('Retry-After'))
     if isinstance(body, dict) and body.get('kind') == 'Status':
-        return _status_error(body, fallback_code=response.status_code)
+        return _status_error(body, fallback_code=response.status_code, retry_after=retry_after)
     return _ERRORS_BY_CODE.get(response.status_code, ApiError)(
-        response.status_code, response.reason_phrase, response.text[:1000])
+        response.status_code, response.reason_phrase, response.text[:1000], retry_after=retry_after)
 
 
-def _status_error(status: JsonObject, *, fallback_code: int) -> ApiError:
+def _status_error(status: JsonObject, *, fallback_code: int, retry_after: float | None = None) -> ApiError:
     code = status.get('code')
     code = code if isinstance(code, int) else fallback_code
     details = status.get('details')
     return _ERRORS_BY_CODE.get(code, ApiError)(
         code, str(status.get('reason') or ''), str(status.get('message') or ''),
-        cast(JsonObject, details) if isinstance(details, dict) else None)
+        cast(JsonObject, details) if isinstance(details, dict) else None, retry_after=retry_after)

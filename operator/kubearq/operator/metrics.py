@@ -56,6 +56,24 @@ class OperatorMetrics:
         self.status_patches = Counter(
             "kubearq_status_patches_total", "Status subresource patches, by resource kind and result.",
             ("kind", "result"), registry=self.registry)
+        self.status_writes_sent = Counter(
+            "kubearq_status_writes_sent_total", "Status writes sent to the API server, each paid from the budget.",
+            ("kind",), registry=self.registry)
+        self.status_writes_coalesced = Counter(
+            "kubearq_status_writes_coalesced_total",
+            "Statuses never sent because a newer one of the same object replaced them (or the next pass will).",
+            ("kind",), registry=self.registry)
+        self.status_writes_throttled = Counter(
+            "kubearq_status_writes_throttled_total",
+            "Status writes the API server throttled (429 or Retry-After); each slows the writer down.",
+            ("kind",), registry=self.registry)
+        self.status_write_rate = Gauge(
+            "kubearq_status_write_rate_qps",
+            "Status writes a second the budget allows now: STATUS_WRITE_QPS, less while the API server throttles.",
+            registry=self.registry)
+        self.status_writes_pending = Gauge(
+            "kubearq_status_writes_pending", "SyncSchedule statuses handed to the writer and not written yet.",
+            registry=self.registry)
         self.errors = Counter(
             "kubearq_errors_total", "Errors the operator survived, by operation.", ("operation",),
             registry=self.registry)
@@ -68,6 +86,9 @@ class OperatorMetrics:
         for source in ("schedule", "scrape"):
             # Present from the start, so rate() sees the first refusal instead of a series appearing at 1.
             self.duplicate_enqueues.labels(source=source)
+        for kind in ("SyncSchedule", "ScrapeRequest"):
+            for counter in (self.status_writes_sent, self.status_writes_coalesced, self.status_writes_throttled):
+                counter.labels(kind=kind)
         self._published_queues: set[str] = set()
 
     def _queue_gauges(self) -> tuple[Gauge, ...]:
@@ -106,6 +127,21 @@ class OperatorMetrics:
 
     def count_status_patch(self, kind: str, result: str) -> None:
         self.status_patches.labels(kind=kind, result=result).inc()
+
+    def count_status_write_sent(self, kind: str) -> None:
+        self.status_writes_sent.labels(kind=kind).inc()
+
+    def count_status_write_coalesced(self, kind: str) -> None:
+        self.status_writes_coalesced.labels(kind=kind).inc()
+
+    def count_status_write_throttled(self, kind: str) -> None:
+        self.status_writes_throttled.labels(kind=kind).inc()
+
+    def set_status_write_rate(self, qps: float) -> None:
+        self.status_write_rate.set(qps)
+
+    def set_status_writes_pending(self, steps: int) -> None:
+        self.status_writes_pending.set(steps)
 
     def count_error(self, operation: str) -> None:
         self.errors.labels(operation=operation).inc()

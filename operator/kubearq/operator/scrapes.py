@@ -39,7 +39,7 @@ from kubearq.core.queueing import (
 )
 from kubearq.operator.conditions import ConditionStatus
 from kubearq.operator.context import API_TIMEOUT, FINALIZER, SCRAPE_REQUESTS, OperatorContext
-from kubearq.operator.kube import ApiError, ConflictError, KubeObject, NotFoundError
+from kubearq.operator.kube import ApiError, ConflictError, KubeObject, NotFoundError, asks_to_slow_down
 from kubearq.operator.resources import describe_validation_error
 from kubearq.operator.scrapedecisions import (
     CLEANUP_POLL_SECONDS,
@@ -302,9 +302,20 @@ async def _report_problem(ctx: OperatorContext, body: KubeObject, obj: ScrapeObj
 
 async def _write_status(ctx: OperatorContext, obj: ScrapeObject, pacer: StatusPacer, status: ScrapeRequestStatus,
                         now: datetime) -> ReconcileResult | None:
-    """Patch the status subresource at the object's resourceVersion; None when written, else what happened."""
+    """Patch the status subresource at the object's resourceVersion; None when written, else what happened.
+
+    Within the status write budget, without waiting for it (the leader's loop must not): when no token is free
+    the write is left to the pass it wakes for, which computes the status afresh from Redis (the newest wins).
+    """
+    budget = ctx.status_budget
+    wait = budget.claim((KIND, obj.namespace, obj.name))
+    if wait > 0:
+        ctx.metrics.count_status_write_coalesced(KIND)
+        return ReconcileResult(Outcome.RUNNING, wake_at=_after(ctx, wait))
     document = status.model_dump(mode="json", by_alias=True)  # None clears a field in a merge patch
     ctx.ensure_leader()
+    sent_at = budget.now()
+    ctx.metrics.count_status_write_sent(KIND)
     try:
         await ctx.api.patch_status(SCRAPE_REQUESTS, obj.name, document, namespace=obj.namespace,
                                    resource_version=obj.resource_version, timeout=API_TIMEOUT)
@@ -317,9 +328,15 @@ async def _write_status(ctx: OperatorContext, obj: ScrapeObject, pacer: StatusPa
     except NotFoundError:
         ctx.metrics.count_status_patch(KIND, "conflict")
         return ReconcileResult(Outcome.GONE)
-    except ApiError:
+    except ApiError as error:
         ctx.metrics.count_status_patch(KIND, "error")
-        raise
+        if not asks_to_slow_down(error):
+            raise
+        # Throttled (API Priority and Fairness): every status write slows down; this one waits for a later pass.
+        ctx.metrics.count_status_write_throttled(KIND)
+        budget.throttled(sent_at, error.retry_after, str(error))
+        return ReconcileResult(Outcome.RUNNING, wake_at=_after(ctx, max(budget.paused_for(), CONFLICT_RETRY_SECONDS)))
+    budget.succeeded(sent_at)
     ctx.metrics.count_status_patch(KIND, "ok")
     pacer.written(obj.uid, now)
     return None
