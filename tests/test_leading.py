@@ -16,13 +16,15 @@ from arq.connections import ArqRedis
 from kubearq.core.contract import deserialize
 from kubearq.core.queueing import NewJob
 from kubearq.operator.context import SCRAPE_REQUESTS, SYNC_SCHEDULES, OperatorContext
+from kubearq.operator.heldsteps import HOLD_SECONDS, HeldSubmits
 from kubearq.operator.kube import ApiError, KubeApi, KubeObject, ObjectList, Resource
 from kubearq.operator.main import lead
 from kubearq.operator.metrics import OperatorMetrics
 from kubearq.operator.scheduler import tick_job_id
-from kubearq.operator.schedules import ArmedTick, advance_schedule, reconcile_schedule
+from kubearq.operator.schedules import ArmedTick, ScheduleStep, advance_schedule, reconcile_schedule
 from kubearq.operator.settings import OperatorSettings
 from kubearq.operator.store import DELETED_KEPT, ResourceStore, list_into
+from kubearq.operator.syncschedule import SyncScheduleStatus
 from kubearq.operator.writer import StatusWriter
 from tests.kubernetes import KubernetesUnderTest
 from tests.polling import until
@@ -430,3 +432,127 @@ async def test_a_spec_change_after_arming_enqueues_the_new_job_not_the_armed_one
     payload = deserialize(cast(bytes, await redis.get(f"arq:job:{tick_job_id(uid, clock.moment)}")))
     assert payload["f"] == "compact"
     assert key in store.objects
+
+
+async def create_named(k8s: KubernetesUnderTest, name: str) -> KubeObject:
+    """A schedule every minute whose last tick handled was 10:00, as `create` makes `nightly`."""
+    body = {"apiVersion": "kubearq.dev/v1alpha1", "kind": "SyncSchedule", "metadata": {"name": name},
+            "spec": {"schedule": "* * * * *", "job": {"function": "sync_connections"}}}
+    await k8s.api.create(SYNC_SCHEDULES, body, namespace=k8s.namespace, timeout=10)
+    return await k8s.api.patch_status(SYNC_SCHEDULES, name, {"lastScheduleTime": "2026-11-24T10:00:00Z"},
+                                      namespace=k8s.namespace, timeout=10)
+
+
+async def armed_pair(k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis
+                     ) -> tuple[Clock, OperatorContext, ResourceStore, KubeObject, KubeObject]:
+    """`nightly` and a `control` schedule, both to be armed for 10:01 by the leader's first pass."""
+    clock = Clock(T0)
+    store = ResourceStore()
+    nightly, control = await create_named(k8s, "nightly"), await create_named(k8s, "control")
+    store.observe("SyncSchedule", "ADDED", nightly)
+    store.observe("SyncSchedule", "ADDED", control)
+    return clock, context(slow_api, redis, clock), store, nightly, control
+
+
+async def test_a_schedule_deleted_between_its_arming_and_its_tick_enqueues_nothing(
+        k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis) -> None:
+    clock, ctx, store, nightly, control = await armed_pair(k8s, slow_api, redis)
+    tick = datetime(2026, 11, 24, 10, 1, tzinfo=UTC)
+    async with leading(ctx, store):
+        await until(lambda: holds(slow_api.status_writes == 2), what="the first pass (arms 10:01)")
+        await k8s.api.delete(SYNC_SCHEDULES, "nightly", namespace=k8s.namespace, timeout=10)
+        store.observe("SyncSchedule", "DELETED", nightly)  # seen as the tick comes
+        clock.moment = tick
+        await until(lambda: enqueued(redis, str(control["metadata"]["uid"]), tick), within=3, what="control's 10:01")
+    assert not await enqueued(redis, str(nightly["metadata"]["uid"]), tick)
+    assert ("SyncSchedule", k8s.namespace, "nightly") not in store.objects
+
+
+async def test_a_schedule_suspended_between_its_arming_and_its_tick_enqueues_nothing(
+        k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis) -> None:
+    clock, ctx, store, nightly, control = await armed_pair(k8s, slow_api, redis)
+    tick = datetime(2026, 11, 24, 10, 1, tzinfo=UTC)
+    async with leading(ctx, store):
+        await until(lambda: holds(slow_api.status_writes == 2), what="the first pass (arms 10:01)")
+        suspended = await k8s.api.patch(SYNC_SCHEDULES, "nightly", {"spec": {"suspend": True}},
+                                        namespace=k8s.namespace, timeout=10)
+        store.observe("SyncSchedule", "MODIFIED", suspended)
+        clock.moment = tick
+        await until(lambda: enqueued(redis, str(control["metadata"]["uid"]), tick), within=3, what="control's 10:01")
+        await until(lambda: holds(ready_reasons(store.objects[("SyncSchedule", k8s.namespace, "nightly")])
+                                  == ["Suspended"]), what="nightly's pass after the edit")
+    assert not await enqueued(redis, str(nightly["metadata"]["uid"]), tick)
+
+
+def ready_reasons(body: KubeObject) -> list[str]:
+    conditions = cast(list[dict[str, str]], body.get("status", {}).get("conditions", []))
+    return [condition["reason"] for condition in conditions if condition["type"] == "Ready"]
+
+
+async def test_a_pass_over_more_objects_than_a_chunk_arms_and_fires_each_tick_once(
+        k8s: KubernetesUnderTest, slow_api: SlowStatusApi, redis: ArqRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kubearq.operator.main.PASS_CHUNK", 1)  # one object per turn of the loop
+    clock = Clock(T0)
+    store = ResourceStore()
+    names = ["a", "b", "c"]
+    bodies = [await create_named(k8s, name) for name in names]
+    for body in bodies:
+        store.observe("SyncSchedule", "ADDED", body)
+    tick = datetime(2026, 11, 24, 10, 1, tzinfo=UTC)
+    ctx = context(slow_api, redis, clock)
+    async with leading(ctx, store):
+        await until(lambda: holds(slow_api.status_writes == 3), what="the first pass, a turn each")
+        clock.moment = tick
+        uids = [str(body["metadata"]["uid"]) for body in bodies]
+        await until(lambda: all_enqueued(redis, uids, tick), within=3, what="10:01 of every schedule")
+        await until(lambda: holds(all(store.objects[("SyncSchedule", k8s.namespace, name)]["status"].get(
+            "lastScheduleTime") == "2026-11-24T10:01:00Z" for name in names)), what="every status records 10:01")
+    assert ctx.metrics.duplicate_enqueues.labels(source="schedule")._value.get() == 0
+
+
+async def all_enqueued(redis: ArqRedis, uids: list[str], tick: datetime) -> bool:
+    return all([await enqueued(redis, uid, tick) for uid in uids])
+
+
+class RecordingWriter:
+    """Stands in for the status writer: records what is handed in."""
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[WriterKey, ScheduleStep]] = []
+
+    def submit(self, key: WriterKey, step: ScheduleStep) -> None:
+        self.submitted.append((key, step))
+
+    def pending_status(self, key: WriterKey) -> SyncScheduleStatus | None:
+        return None
+
+
+def step_with(last_schedule_time: datetime) -> ScheduleStep:
+    return ScheduleStep(schedule("10"), SyncScheduleStatus(), SyncScheduleStatus(last_schedule_time=last_schedule_time),
+                        None)
+
+
+def test_status_steps_are_held_during_a_pass_and_handed_to_the_writer_after_it_in_order() -> None:
+    writer = RecordingWriter()
+    held = HeldSubmits(cast(StatusWriter[WriterKey], writer), clock=lambda: 0.0)
+    first, second = step_with(T0), step_with(T0 + timedelta(minutes=1))
+    held.submit(KEY, first)
+    held.submit(KEY, second)
+    assert writer.submitted == []
+    assert held.pending_status(KEY) == second.status  # the next pass plans from the held status
+    held.release()
+    assert writer.submitted == [(KEY, first), (KEY, second)]
+    assert held.pending_status(KEY) is None
+
+
+def test_status_steps_held_through_a_backlog_that_does_not_empty_go_out_after_the_hold_time() -> None:
+    writer = RecordingWriter()
+    now = [0.0]
+    held = HeldSubmits(cast(StatusWriter[WriterKey], writer), clock=lambda: now[0])
+    held.submit(KEY, step_with(T0))
+    now[0] = HOLD_SECONDS - 0.1
+    held.release_if_overdue()
+    assert writer.submitted == []
+    now[0] = HOLD_SECONDS
+    held.release_if_overdue()
+    assert len(writer.submitted) == 1

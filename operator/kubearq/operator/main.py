@@ -2,9 +2,12 @@
 
 kopf's change handlers, timers and daemons keep per-object state in annotations and add finalizers from
 every replica, and kopf's peering pauses standbys for 60 s; so kopf is used here only for what is
-stateless and the same in every replica: `on.event` spies feeding an in-memory store of all objects
-(warm in standbys) and login. The leader — elected on a Lease, see leader.py — reconciles every object
-on gaining the Lease, then on every change and at each object's next due time, from one heap.
+stateless and the same in every replica: login, and `on.event` spies on the few QueuePolicies and
+Namespaces. The SyncSchedules and ScrapeRequests, of which there are many, come into the in-memory store
+(warm in standbys) through a lean informer of our own (store.follow): kopf handles every event in a
+per-object worker with state of its own, a cost that grows with the objects (bench/scheduler_lag.py).
+The leader — elected on a Lease, see leader.py — reconciles every object on gaining the Lease, then on
+every change and at each object's next due time, from one heap.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -27,6 +31,7 @@ from kubearq.core.observability import ProbeServer
 from kubearq.operator.access import WatchAccess
 from kubearq.operator.console.server import Console, ConsoleConfig, start_console
 from kubearq.operator.context import API_TIMEOUT, QUEUE_POLICIES, OperatorContext, utc_now
+from kubearq.operator.heldsteps import HeldSubmits, StepSink
 from kubearq.operator.kube import ApiError, KubeApi, KubeObject, Resource
 from kubearq.operator.leader import LeaderElectionConfig, LeaderElector, NotLeaderError
 from kubearq.operator.metrics import OperatorMetrics, QueueStatsRefresher
@@ -35,7 +40,7 @@ from kubearq.operator.scheduler import FireHeap
 from kubearq.operator.schedules import ArmedTick, ScheduleStep, advance_schedule, fire_armed, reconcile_schedule
 from kubearq.operator.scrapes import scrape_request_reconciler
 from kubearq.operator.settings import OperatorSettings
-from kubearq.operator.store import PLURALS, TENANCY_RESOURCES, Key, ResourceStore, list_into, passing
+from kubearq.operator.store import PLURALS, TENANCY_RESOURCES, Key, ResourceStore, follow, passing
 from kubearq.operator.tenancy import TenancyMode, TenancyState, policy_status
 from kubearq.operator.writer import StatusWriter
 
@@ -48,6 +53,11 @@ CONCURRENCY = 64  # objects reconciled at once: Redis and the API server take th
 T = TypeVar("T")  # the loop re-reads the clock at least this often (clock jumps, tests)
 
 
+PASS_CHUNK = 250
+"""Objects reconciled per turn of the leader's loop; the rest wait for the next turn, after the ticks due by
+then have fired. One gather over 100,000 schedules held the loop for tens of seconds: ticks armed for that
+minute waited behind it, and so did the Lease renewals (renew deadline missed, leadership lost) and the
+watch. With 2,000 a turn the Lease was still lost at 100,000 (each step of its HTTP request waits a turn)."""
 LISTED_WAIT = timedelta(seconds=30)
 """How long a new leader waits for the start-up listing before its first pass (it goes on without it)."""
 
@@ -64,34 +74,47 @@ async def lead(ctx: OperatorContext, store: ResourceStore, reconcilers: Mapping[
     await wait_or_timeout(store.listed, LISTED_WAIT.total_seconds())
     writer: StatusWriter[Key] = StatusWriter(ctx, on_written=lambda key, body: store.observe(key[0], "MODIFIED", body))
     writer.start()
+    held = HeldSubmits(writer)
     store.dirty.update(store.objects)
     logger.info("leading: reconciling %d objects", len(store.objects))
+    backlog: set[Key] = set()  # changed or due, not reconciled yet: PASS_CHUNK at a time
+    fired: dict[Key, tuple[str, datetime]] = {}  # ticks fire_armed handled, for their schedules' passes
     try:
         while True:
             now = ctx.now()
             due = heap.pop_due(now)
-            # Ticks first: the jobs of every schedule due now were built on its last pass; enqueue them all
-            # before any schedule's pass (reading outcomes, planning, status) begins.
-            firing = [armed.pop(key) for key in due if key in armed and key not in store.dirty
-                      and armed[key].due(now) and _unchanged(armed[key], store.objects.get(key))]
-            fired = await fire_armed(ctx, firing) if firing else {}
-            keys = set(store.dirty) | set(due)
+            backlog |= store.dirty
             store.dirty.clear()
             store.changed.clear()
+            # Ticks first: the jobs of every schedule due now were built on its last pass; enqueue them all
+            # before any schedule's pass (reading outcomes, planning, status) begins.
+            firing = [(key, armed.pop(key)) for key in due if key in armed and key not in backlog
+                      and armed[key].due(now) and _unchanged(armed[key], store.objects.get(key))]
+            if firing:
+                handled = await fire_armed(ctx, [tick for _, tick in firing])
+                fired.update((key, (tick.job.job_id, handled[tick.job.job_id]))
+                             for key, tick in firing if tick.job.job_id in handled)
+            backlog.update(due)
+            keys = set(itertools.islice(backlog, PASS_CHUNK)) if len(backlog) > PASS_CHUNK else set(backlog)
+            backlog -= keys
             present = [key for key in sorted(keys) if key in store.objects]
             for key in keys.difference(present):
                 heap.remove(key)
                 armed.pop(key, None)
-            wakes = await reconcile_all(ctx, [(key, store.objects[key]) for key in present], reconcilers, writer,
-                                        fired, armed)
+                fired.pop(key, None)
+            handled_now = dict(fired.pop(key) for key in present if key in fired)
+            wakes = await reconcile_all(ctx, [(key, store.objects[key]) for key in present], reconcilers, held,
+                                        handled_now, armed)
             for key, wake in zip(present, wakes, strict=True):
                 if wake is None:
                     heap.remove(key)
                 else:
                     heap.schedule(key, wake)
             await report_policies(ctx, store)
-            if store.dirty:
+            if store.dirty or backlog:
+                held.release_if_overdue()
                 continue
+            held.release()
             next_time = heap.next_time()
             delay = min(LONGEST_SLEEP, (next_time - ctx.now()) if next_time else LONGEST_SLEEP)
             await wait_or_timeout(store.changed, max(0.0, delay.total_seconds()))
@@ -133,7 +156,7 @@ def _unchanged(armed: ArmedTick, body: KubeObject | None) -> bool:
 
 
 async def reconcile_all(ctx: OperatorContext, due: Sequence[tuple[Key, KubeObject]],
-                        reconcilers: Mapping[str, Reconciler], writer: StatusWriter[Key] | None = None,
+                        reconcilers: Mapping[str, Reconciler], writer: StepSink | None = None,
                         fired: Mapping[str, datetime] | None = None,
                         armed: dict[Key, ArmedTick] | None = None) -> list[datetime | None]:
     """Reconcile many objects; SyncSchedules in two phases: all enqueues at once (Redis calls only, coalesced
@@ -221,8 +244,7 @@ def build_registry(store: ResourceStore, connection: kopf.ConnectionInfo) -> kop
 
         return spy
 
-    for kind, plural in PLURALS.items():
-        kopf.on.event(GROUP, VERSION, plural, registry=registry)(spy_on(kind))
+    # The SyncSchedules and ScrapeRequests are the informer's (store.follow), not kopf's.
     if store.tenancy is not None:
         for kind, resource in TENANCY_RESOURCES.items():
             kopf.on.event(resource.group, resource.version, resource.plural, registry=registry)(spy_on(kind))
@@ -311,7 +333,14 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
     redis = create_redis(settings.redis_url, ca_file=str(settings.redis_ca_file) if settings.redis_ca_file else None,
                          tls_insecure=settings.redis_tls_insecure)
     api = KubeApi(connection, field_manager="kubearq-operator")
-    listing = asyncio.create_task(list_into(api, store, settings.watched_namespaces), name="kubearq-listing")
+    listing = asyncio.create_task(follow(api, store, settings.watched_namespaces), name="kubearq-informer")
+
+    def informer_ended(task: asyncio.Task[None]) -> None:
+        if not stop.is_set() and not task.cancelled():  # it retries every failure: an end is a bug
+            logger.error("the informer stopped watching (%s); stopping this replica", task.exception())
+            stop.set()
+
+    listing.add_done_callback(informer_ended)
     overrides = {"lease_namespace": settings.lease_namespace, "identity": identity}
     election = LeaderElectionConfig(lease_name=settings.lease_name, lease_duration=settings.lease_duration,
                                     renew_deadline=settings.lease_renew_deadline,
@@ -398,7 +427,7 @@ async def run_operator(settings: OperatorSettings, connection: kopf.ConnectionIn
         stopping.push_async_callback(probes.stop)
         if console is not None:
             stopping.push_async_callback(console.stop)
-        stopping.push_async_callback(stop_task, listing, 10, "the start-up listing")
+        stopping.push_async_callback(stop_task, listing, 10, "the informer")
         stopping.push_async_callback(release_lease)
         if reclaiming is not None:
             stopping.push_async_callback(stop_task, reclaiming, 10, "the signal handlers' setup")
