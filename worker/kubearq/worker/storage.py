@@ -507,9 +507,12 @@ class Storage:
             async with self._pool.acquire() as connection:
                 try:
                     yield connection
-                except asyncpg.InterfaceError as error:
+                except (asyncpg.InterfaceError, asyncpg.InternalClientError) as error:
                     # A transaction's rollback on a connection that just died raises InterfaceError
-                    # ("connection is closed") in place of the connection error, which becomes its context.
+                    # ("connection is closed") in place of the connection error, which becomes its context;
+                    # a server SIGKILLed mid-query can leave asyncpg's protocol mid-operation, and the next
+                    # query raises InternalClientError ("cannot switch to state 12; another operation (2) is
+                    # in progress": seen once in the full suite's outage test).
                     if _connection_lost(connection) or _caused_by_outage(error):
                         raise self._unavailable(operation, error) from error
                     raise
