@@ -30,6 +30,7 @@ from kubearq.core.contract import Origin as JobOrigin
 from kubearq.core.contract import function_registry_key
 from kubearq.core.failedjobs import encode_cursor
 from kubearq.core.failedjobstores import PostgresFailedJobs
+from kubearq.core.observability import PortInUseError
 from kubearq.core.workers import WORKERS_KEY, WorkerBeat, decode, encode, list_workers, publish, worker_key
 from kubearq.demo.services import RedisServer, free_port
 from kubearq.operator import kube
@@ -810,3 +811,13 @@ async def test_a_redriven_jobs_page_shows_it_succeed_for_whoever_may_see_its_nam
             f'"{k8s.namespace}"') in refused.text.replace("&#34;", '"')
     assert not_known.status_code == 404
     assert "no job no-such-job is known: not queued, no result kept" in not_known.text
+
+
+async def test_a_dashboard_port_already_taken_is_one_line_naming_the_setting(
+        k8s: KubernetesUnderTest, redis: Redis, dashboard: Dashboard) -> None:
+    taken = dashboard.console.port
+    with pytest.raises(PortInUseError) as refused:
+        await start_console(k8s.api, redis, dict, ConsoleConfig(queues=lambda: {"arq:queue"}), host="127.0.0.1",
+                            port=taken, cache_seconds=0)
+    assert str(refused.value) == (f"DASHBOARD_PORT {taken} is already in use on 127.0.0.1: set DASHBOARD_PORT to a "
+                                  "free port (not HTTP_PORT's), or 0 for any free port")

@@ -85,6 +85,23 @@ class PortInUseError(ValueError):
     """HTTP_PORT is taken on this host: one line naming the setting, not an OSError traceback."""
 
 
+async def serve(app: web.Application, host: str, port: int, *, in_use: str) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (no access log, no signal handlers: the caller owns them); the runner and the bound
+    port (useful with port 0). A port already taken raises PortInUseError(`in_use`), nothing left running."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        if error.errno != errno.EADDRINUSE:
+            raise
+        raise PortInUseError(in_use) from None
+    sockets = getattr(site._server, "sockets", None) or []
+    return runner, sockets[0].getsockname()[1] if sockets else port
+
+
 Check = Callable[[], Awaitable[bool]]
 
 
@@ -128,22 +145,10 @@ class ProbeServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        try:
-            await site.start()
-        except OSError as error:
-            await self._runner.cleanup()
-            self._runner = None
-            if error.errno != errno.EADDRINUSE:
-                raise
-            raise PortInUseError(
-                f"HTTP_PORT {port} is already in use on {host} (another kubearq operator or worker on this host?): "
-                "set HTTP_PORT to a free port, or 0 for any free port") from None
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        self._runner, self.port = await serve(
+            app, host, port,
+            in_use=f"HTTP_PORT {port} is already in use on {host} (another kubearq operator or worker on this host?): "
+                   "set HTTP_PORT to a free port, or 0 for any free port")
         return self.port
 
     async def stop(self) -> None:

@@ -8,7 +8,6 @@ an authorized action is then carried out as the operator: a patch through the AP
 
 from __future__ import annotations
 
-import errno
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from redis.asyncio import Redis
 from kubearq.core.connections import TRANSIENT_ERRORS
 from kubearq.core.failedjobs import FailedJobStore
 from kubearq.core.failedjobstores import PostgresFailedJobs, RedisFailedJobs, pool_connect
-from kubearq.core.observability import PortInUseError
+from kubearq.core.observability import serve
 from kubearq.operator.console.failedjobs import FailedJobViews
 from kubearq.operator.console.pages import Key
 from kubearq.operator.console.reviews import ForbiddenError, NotAuthenticatedError, Permission, Reviews
@@ -97,20 +96,9 @@ class Console:
         return app
 
     async def start(self, host: str, port: int) -> int:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        try:
-            await site.start()
-        except OSError as error:
-            await self._runner.cleanup()
-            self._runner = None
-            if error.errno != errno.EADDRINUSE:
-                raise
-            raise PortInUseError(f"DASHBOARD_PORT {port} is already in use on {host}: set DASHBOARD_PORT to a free "
-                                 "port (not HTTP_PORT's), or 0 for any free port") from None
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        self._runner, self.port = await serve(
+            self.app(), host, port, in_use=f"DASHBOARD_PORT {port} is already in use on {host}: set DASHBOARD_PORT "
+                                           "to a free port (not HTTP_PORT's), or 0 for any free port")
         logger.info("dashboard serving on %s:%d", host, self.port)
         return self.port
 
